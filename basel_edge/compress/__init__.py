@@ -1,0 +1,91 @@
+"""Compression methods on one code path: statistics → weighted SVD → rank allocation → LowRankLinear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import TokenBlocks
+from ..lowrank import decoder_linears, low_rank_from_factors, set_module
+from ..ranks import Budget, MatrixScores, allocate, params_for
+from . import asvd, fwsvd, svd, svd_llm  # noqa: F401  (register the methods)
+from .base import Decomposition, Method, Weighting, decompose
+from .calibration import CalibrationStats, collect
+from .registry import METHODS, get_method, register
+
+__all__ = [
+    "METHODS",
+    "Budget",
+    "CalibrationStats",
+    "CompressionResult",
+    "Decomposition",
+    "Method",
+    "Weighting",
+    "compress",
+    "decompose_model",
+    "get_method",
+    "register",
+]
+
+
+@dataclass
+class CompressionResult:
+    """What `compress` did: the rank per linear (None = dense) and parameter counts."""
+
+    ranks: dict[str, int | None]
+    params: dict[str, int]
+    method: str
+
+
+def decompose_model(
+    model: nn.Module, method: Method, stats: CalibrationStats, progress: bool = True
+) -> dict[str, Decomposition]:
+    """Weighted SVD of every decoder linear (single-threaded: many small SVDs run faster that way)."""
+    linears = decoder_linears(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for name, module in tqdm(linears.items(), desc=f"{method.name} SVD", unit="matrix", disable=not progress):
+            w = module.weight.detach()
+            out[name] = decompose(w, method.weighting(name, w, stats), dtype=w.dtype)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def apply_ranks(model: nn.Module, decomps: dict[str, Decomposition], ranks: dict[str, int | None]) -> None:
+    """Swap each linear with an assigned rank for its LowRankLinear (in place)."""
+    linears = decoder_linears(model)
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        module = linears[name]
+        a, b = decomps[name].factors(rank)
+        bias = module.bias.detach() if module.bias is not None else None
+        set_module(model, name, low_rank_from_factors(a.to(module.weight.device), b.to(module.weight.device), bias))
+
+
+def compress(
+    model: nn.Module,
+    method: str | Method,
+    budget: Budget,
+    calibration: TokenBlocks | None = None,
+    progress: bool = True,
+    batch_size: int = 4,
+) -> CompressionResult:
+    """Factorize the decoder linears of `model` in place with an SVD-family method under `budget`."""
+    m = get_method(method) if isinstance(method, str) else method
+    linears = decoder_linears(model)
+    stats = collect(model, calibration, m.needs, batch_size=batch_size, progress=progress)
+    decomps = decompose_model(model, m, stats, progress=progress)
+    matrices = {
+        name: MatrixScores(mod.in_features, mod.out_features, decomps[name].scores) for name, mod in linears.items()
+    }
+    ranks = allocate(budget, matrices)
+    apply_ranks(model, decomps, ranks)
+    dense = sum(x.dense_params for x in matrices.values())
+    return CompressionResult(ranks=ranks, params={"dense": dense, "factorized": params_for(ranks, matrices)}, method=m.name)

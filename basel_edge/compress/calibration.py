@@ -1,0 +1,111 @@
+"""Statistics of the calibration data that the SVD-family methods weight their decompositions with.
+
+- `xtx`: XᵀX of each linear's input (SVD-LLM whitening), accumulated in float64;
+- `absmean`: mean |x| per input channel (ASVD activation scaling);
+- `fisher`: per output row, the sum of squared loss gradients of the weight (FWSVD).
+Projections that read the same tensor (q/k/v, gate/up) share one input statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import TokenBlocks
+from ..lowrank import decoder_linears
+
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+STATISTICS = ("xtx", "absmean", "fisher")
+
+
+def input_key(name: str) -> str:
+    """The linear whose input statistic `name` shares (q/k/v read the same tensor, so do gate/up)."""
+    prefix, _, proj = name.rpartition(".")
+    return f"{prefix}.{SHARED_INPUT.get(proj, proj)}"
+
+
+@dataclass
+class CalibrationStats:
+    """Per-linear statistics; look them up with the linear's own name."""
+
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    absmean: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    def input_xtx(self, name: str) -> torch.Tensor:
+        return self.xtx[input_key(name)]
+
+    def input_absmean(self, name: str) -> torch.Tensor:
+        return self.absmean[input_key(name)]
+
+
+def collect(
+    model: nn.Module,
+    blocks: TokenBlocks | None,
+    needs: frozenset[str],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run the calibration blocks through the model once and gather the statistics in `needs`."""
+    stats = CalibrationStats()
+    unknown = set(needs) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    if not needs:
+        return stats
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"calibration data is required for statistics {sorted(needs)}")
+    linears = decoder_linears(model)
+    hooks = []
+    input_stats = {"xtx", "absmean"} & needs
+    if input_stats:
+        for name, module in linears.items():
+            if input_key(name) != name:
+                continue
+
+            def hook(mod, args, _name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if "xtx" in needs:
+                    g = (x.T @ x).double()
+                    stats.xtx[_name] = stats.xtx[_name] + g if _name in stats.xtx else g
+                if "absmean" in needs:
+                    a = x.abs().sum(0).double()
+                    stats.absmean[_name] = stats.absmean[_name] + a if _name in stats.absmean else a
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    want_grad = "fisher" in needs
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if want_grad:
+        for module in linears.values():
+            module.weight.requires_grad_(True)
+    device = next(model.parameters()).device
+    try:
+        starts = range(0, len(blocks), batch_size)
+        for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress, leave=False):
+            ids = blocks.input_ids[start : start + batch_size].to(device)
+            labels = blocks.labels[start : start + batch_size].to(device)
+            stats.tokens += ids.numel()
+            if want_grad:
+                out = model(input_ids=ids, labels=labels, use_cache=False)
+                out.loss.backward()
+                for name, module in linears.items():
+                    g = module.weight.grad.detach().double().pow(2).sum(1)
+                    stats.fisher[name] = stats.fisher[name] + g if name in stats.fisher else g
+                    module.weight.grad = None
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+    for key in stats.absmean:
+        stats.absmean[key] = stats.absmean[key] / max(stats.tokens, 1)
+    return stats

