@@ -196,6 +196,32 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporters import get_exporter
+
+    return get_exporter(args.target)().export(args)
+
+
+def _add_export_parser(sub) -> None:
+    import exporters
+
+    p = sub.add_parser("export", help="lower a dense or factorized checkpoint to an edge runtime format")
+    p.add_argument("--target", required=True, help="export target (see `--target` list below)")
+    p.add_argument("model", help="dense HF directory or factorized checkpoint")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--weights", help="weight format; each target lists its own (default: the target's default)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name, module in sorted(exporters.TARGET_MODULES.items()):
+        try:
+            cls = exporters.get_exporter(name)
+        except UserError:
+            continue
+        cls.add_arguments(p.add_argument_group(f"--target {name}: {cls.description}"))
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
     from .lowrank import DEFAULT_RANK_MULTIPLE
@@ -245,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
+
+    _add_export_parser(sub)
     return parser
 
 

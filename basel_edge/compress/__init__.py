@@ -24,6 +24,7 @@ __all__ = [
     "Decomposition",
     "Method",
     "Weighting",
+    "apply_ranks",
     "compress",
     "decompose_model",
     "get_method",

@@ -1,0 +1,1 @@
+"""Validation harness, benchmarks and reports for basel-edge."""

@@ -1,0 +1,55 @@
+"""Export targets, registered by name: a new target is a new module that calls `register`.
+
+Each target module defines a subclass of `Exporter` and decorates it with `@register`; `basel-edge export
+--target NAME` finds it here. Modules are imported lazily so that a target whose engine is not installed
+does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import ClassVar
+
+from basel_edge.errors import UserError
+
+# target name -> module that registers it
+TARGET_MODULES: dict[str, str] = {}
+EXPORTERS: dict[str, type["Exporter"]] = {}
+
+
+class Exporter:
+    """One export target: its CLI options and the export itself."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Target-specific options for `basel-edge export`."""
+
+    def export(self, args: argparse.Namespace) -> int:
+        """Run the export for parsed CLI arguments; return the exit status."""
+        raise NotImplementedError
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    """Class decorator: make an exporter available under `cls.name`."""
+    EXPORTERS[cls.name] = cls
+    return cls
+
+
+def declare(name: str, module: str) -> None:
+    """Tell the registry which module provides target `name` (imported on first use)."""
+    TARGET_MODULES[name] = module
+
+
+def get_exporter(name: str) -> type[Exporter]:
+    if name not in TARGET_MODULES:
+        raise UserError(f"unknown export target '{name}'; available: {', '.join(sorted(TARGET_MODULES)) or 'none'}")
+    if name not in EXPORTERS:
+        try:
+            importlib.import_module(TARGET_MODULES[name])
+        except ImportError as exc:
+            raise UserError(f"export target '{name}' is not installed here ({exc}); run `make setup`") from None
+    return EXPORTERS[name]

@@ -1,0 +1,90 @@
+"""Runtime engines behind one interface (DESIGN.md section 8), registered by name.
+
+An engine module defines a `Runtime` subclass and decorates it with `@register`. `open_runtime(engine, path,
+device)` imports the module on first use; an engine that cannot run here raises `Unavailable` with the reason,
+so callers report it as skipped instead of faking a result.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+DEVICES = ("cpu", "mobile", "cuda")
+ENGINE_MODULES: dict[str, str] = {}
+ENGINES: dict[str, type["Runtime"]] = {}
+
+
+class Unavailable(RuntimeError):
+    """This engine or device cannot run here; the message says why."""
+
+
+@dataclass
+class Generation:
+    """A greedy generation: new token ids and where the time and memory went."""
+
+    token_ids: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    peak_rss_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Runtime:
+    """An opened model on one engine and device."""
+
+    engine: ClassVar[str]
+
+    @classmethod
+    def open(cls, artifact_path: str | Path, device: str = "cpu", threads: int | None = None) -> "Runtime":
+        raise NotImplementedError
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [T, vocab] for a whole sequence (perplexity and agreement)."""
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """Greedy generation with timings."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """Engine, version, threads, file size."""
+        raise NotImplementedError
+
+
+def register(cls: type[Runtime]) -> type[Runtime]:
+    ENGINES[cls.engine] = cls
+    return cls
+
+
+def declare(engine: str, module: str) -> None:
+    ENGINE_MODULES[engine] = module
+
+
+def get_engine(engine: str) -> type[Runtime]:
+    if engine not in ENGINE_MODULES:
+        raise Unavailable(f"unknown engine '{engine}'; known: {', '.join(sorted(ENGINE_MODULES))}")
+    if engine not in ENGINES:
+        try:
+            importlib.import_module(ENGINE_MODULES[engine])
+        except ImportError as exc:
+            raise Unavailable(f"engine '{engine}' is not installed ({exc})") from None
+    return ENGINES[engine]
+
+
+def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", threads: int | None = None) -> Runtime:
+    if device not in DEVICES:
+        raise Unavailable(f"unknown device '{device}'; devices: {', '.join(DEVICES)}")
+    return get_engine(engine).open(artifact_path, device, threads)
+
+
+declare("torch", "runtimes.torch_eager")

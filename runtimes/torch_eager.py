@@ -1,0 +1,61 @@
+"""The reference engine: the dense or factorized checkpoint in torch eager (cpu, cuda)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from basel_edge.checkpoint import load_model
+
+from . import Generation, Runtime, Unavailable, register
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@register
+class TorchRuntime(Runtime):
+    engine = "torch"
+
+    def __init__(self, path: Path, model, device: str, threads: int) -> None:
+        self.path, self.model, self.device, self.threads = path, model, device, threads
+
+    @classmethod
+    def open(cls, artifact_path, device="cpu", threads=None):
+        if device == "mobile":
+            raise Unavailable("torch eager has no mobile profile (use the executorch engine)")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Unavailable("torch sees no CUDA GPU on this machine")
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_model(artifact_path).to(device)
+        return cls(Path(artifact_path), model, device, torch.get_num_threads())
+
+    @torch.inference_mode()
+    def logits(self, token_ids):
+        ids = torch.tensor([token_ids], device=self.device)
+        return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens):
+        ids = torch.tensor([prompt_ids], device=self.device)
+        start = time.perf_counter()
+        out = self.model(input_ids=ids, use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        prefill = time.perf_counter() - start
+        tokens, past = [token], out.past_key_values
+        start = time.perf_counter()
+        while len(tokens) < max_new_tokens:
+            out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=self.device), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss())
+
+    def info(self):
+        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self.path.is_dir() else 0
+        return {"engine": "torch", "version": torch.__version__, "device": self.device, "threads": self.threads, "bytes": size}
