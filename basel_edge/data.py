@@ -23,6 +23,7 @@ IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ""}
 DEFAULT_SEED = 0
 DEFAULT_VALIDATION_FRACTION = 0.1
+DOCUMENTS_PER_BUDGET = 32
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,14 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, max_tokens: int | None = None, add_eos: bool = True
+    examples: list[Example],
+    tokenizer,
+    max_tokens: int | None = None,
+    add_eos: bool = True,
+    per_example: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) per example, prompts masked; stops once `max_tokens` tokens have been collected."""
+    """(ids, labels) per example, prompts masked, each cut to `per_example` tokens; stops once `max_tokens`
+    tokens have been collected."""
     eos = tokenizer.eos_token_id
     out, total = [], 0
     for ex in examples:
@@ -268,6 +274,8 @@ def tokenize_examples(
         text_ids = _encode(tokenizer, ex.text) + ([eos] if add_eos and eos is not None else [])
         ids = prompt_ids + text_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + text_ids
+        if per_example is not None:
+            ids, labels = ids[:per_example], labels[:per_example]
         out.append((ids, labels))
         total += len(ids)
         if max_tokens is not None and total >= max_tokens:
@@ -286,13 +294,16 @@ def pack(
 
     Packing concatenates documents (EOS between them) and cuts full rows; a stream shorter than one row
     becomes a single padded row. Without packing each example is its own row, truncated to `seq_len`.
+    With a `max_tokens` budget each document contributes at most max(seq_len, max_tokens // 32) tokens
+    (its head), so the budget spans at least ~32 documents instead of one long file.
     """
     if seq_len < 2:
         raise UserError(f"sequence length must be at least 2, got {seq_len}")
     if not examples:
         raise UserError("no examples to tokenise")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    pairs = tokenize_examples(examples, tokenizer, max_tokens)
+    per_example = max(seq_len, max_tokens // DOCUMENTS_PER_BUDGET) if max_tokens is not None else None
+    pairs = tokenize_examples(examples, tokenizer, max_tokens, per_example=per_example)
     if packing:
         ids = [t for p in pairs for t in p[0]]
         labels = [t for p in pairs for t in p[1]]

@@ -137,7 +137,14 @@ def test_unpacked_rows_are_right_padded_and_unscored(tok):
     assert (blocks.labels[0, n0:] == IGNORE_INDEX).all() and (blocks.labels[0, n0 - 1] != IGNORE_INDEX)
 
 
-def test_max_tokens_limits_packing(tok, tiny_text_data):
-    task = load_data(tiny_text_data)
-    blocks = pack(task.train, tok, seq_len=32, max_tokens=320)
+def test_max_tokens_limits_packing(tok):
+    examples = [Example(f"document number {i} " * 50) for i in range(40)]
+    blocks = pack(examples, tok, seq_len=32, max_tokens=320)
     assert blocks.input_ids.shape == (10, 32)
+
+
+def test_token_budget_spans_many_documents(tok):
+    examples = [Example(f"doc{i} " * 400) for i in range(40)]
+    blocks = pack(examples, tok, seq_len=16, max_tokens=32 * 16)
+    text = tok.decode(blocks.input_ids.flatten())
+    assert sum(f"doc{i} " in text for i in range(40)) >= 32
