@@ -83,6 +83,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         force=args.force_rank,
     )
     method = get_method(args.method)
+    if getattr(method, "trainable", False):
+        from .compress.basel_cli import run_compress
+
+        return run_compress(args, method)
     check_output_dir(args.output, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,6 +228,7 @@ def _add_export_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
+    from .compress.basel_cli import add_finetune_parser, add_train_arguments
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
     from .ranks import ALLOCATIONS
@@ -248,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_train_arguments(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("merge", help="multiply factors back into a dense HF checkpoint")
@@ -272,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
+    add_finetune_parser(sub, _add_data_args)
     _add_export_parser(sub)
     return parser
 

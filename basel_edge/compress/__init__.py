@@ -9,9 +9,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import TokenBlocks
+from ..errors import UserError
 from ..lowrank import decoder_linears, low_rank_from_factors, set_module
 from ..ranks import Budget, MatrixScores, allocate, params_for
-from . import asvd, fwsvd, svd, svd_llm  # noqa: F401  (register the methods)
+from . import asvd, basel, fwsvd, svd, svd_llm  # noqa: F401  (register the methods)
 from .base import Decomposition, Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
 from .registry import METHODS, get_method, register
@@ -80,6 +81,8 @@ def compress(
 ) -> CompressionResult:
     """Factorize the decoder linears of `model` in place with an SVD-family method under `budget`."""
     m = get_method(method) if isinstance(method, str) else method
+    if getattr(m, "trainable", False):
+        raise UserError(f"'{m.name}' trains on the task; use basel_edge.compress.basel.run_basel")
     linears = decoder_linears(model)
     stats = collect(model, calibration, m.needs, batch_size=batch_size, progress=progress)
     decomps = decompose_model(model, m, stats, progress=progress)

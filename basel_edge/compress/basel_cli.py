@@ -1,0 +1,183 @@
+"""Command-line glue for the trained methods: the `compress --method basel|bsi` options and `finetune`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import UserError
+
+# CPU defaults sized so `basel-edge compress --method basel` on SmolLM2-135M takes well under 30 minutes on a
+# loaded 2-core machine (see README, "Basel"): 80 steps of 2 rows of 256 tokens = 40,960 training tokens.
+DEFAULT_STEPS = 80
+DEFAULT_TRAIN_SEQ_LEN = 256
+DEFAULT_TRAIN_BATCH = 2
+DEFAULT_CHECKPOINT_EVERY = 10
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the trained methods (ignored by the SVD-family ones)."""
+    g = p.add_argument_group("trained methods (--method basel / bsi)")
+    g.add_argument("--steps", type=int, default=None, help=f"part-1 optimisation steps (default {DEFAULT_STEPS})")
+    g.add_argument("--keep-steps", type=int, default=None, help="steps before the first pruning event (default steps/4)")
+    g.add_argument("--prune-events", type=int, default=4)
+    g.add_argument("--prune-mode", choices=("budget", "mass"), default="budget",
+                   help="budget: reach --keep of decoder-linear parameters; mass: keep --mass of each matrix's "
+                        "coefficient mass (the paper)")
+    g.add_argument("--mass", type=float, default=0.5, help="coefficient mass K kept in --prune-mode mass")
+    g.add_argument("--basis", default="svd", help="SVD-family method supplying the frozen bases (svd = paper)")
+    g.add_argument("--r-add", type=int, default=32, help="new trainable bases per matrix")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--train-seq-len", type=int, default=DEFAULT_TRAIN_SEQ_LEN, help="tokens per training row")
+    g.add_argument("--train-batch-size", type=int, default=DEFAULT_TRAIN_BATCH, help="training rows per step")
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="tokens of task data to draw training rows from (default steps·batch·seq-len)")
+    g.add_argument("--finetune-steps", type=int, default=0, help="part 2: fine-tune both factors afterwards")
+    g.add_argument("--finetune-lr", type=float, default=1e-4)
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                   help="save training state every M steps (0: never)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+
+
+def _train_blocks(task, tokenizer, seq_len: int, tokens: int):
+    from ..data import pack
+
+    if not task.train:
+        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data")
+    return pack(task.train, tokenizer, seq_len, max_tokens=tokens)
+
+
+def run_compress(args: argparse.Namespace, method) -> int:
+    """`basel-edge compress --method basel|bsi`: train, prune, re-factor, write the factorized checkpoint."""
+    import torch
+
+    from ..atomic import check_output_dir
+    from ..checkpoint import save_factorized
+    from ..data import load_task, pack
+    from ..models import load_dense, load_tokenizer, resolve_model
+    from ..train import LoopConfig, peak_rss_mib
+    from .basel import BaselConfig, default_checkpoint_dir, run_basel
+
+    if args.ranks:
+        raise UserError(f"--ranks is not supported by '{method.name}'; give --keep (or --prune-mode mass)")
+    seq_len, batch = args.train_seq_len, args.train_batch_size
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS
+    cfg = BaselConfig(
+        keep=args.keep, mode=args.prune_mode, mass=args.mass, importance=method.importance, basis=args.basis,
+        r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
+        prune_events=args.prune_events, lr=args.lr, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+    )
+    ckpt_dir = default_checkpoint_dir(args.output)
+    loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
+                      grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every,
+                      checkpoint_dir=ckpt_dir, resume=args.resume)
+    check_output_dir(args.output, args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref = resolve_model(args.model)
+    if ref.factorized:
+        raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
+    task = load_task(args.task, args.data, seed=args.seed)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(ref.path)
+    tokens = args.train_tokens or steps * batch * seq_len
+    blocks = _train_blocks(task, tokenizer, seq_len, tokens)
+    model = load_dense(ref.path)
+    from . import METHODS
+
+    calib = None
+    if METHODS[cfg.basis].needs:
+        calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens)
+    result = run_basel(model, blocks, cfg, loop, calibration=calib, progress=not args.quiet)
+    seconds = round(time.perf_counter() - start, 1)
+    extra = {
+        "keep": args.keep if cfg.mode == "budget" else None,
+        "basel": {k: v for k, v in asdict(cfg).items()},
+        "train_tokens": result.train_tokens,
+        "finetune_tokens": result.finetune_tokens,
+        "resumed_from_step": result.resumed_from,
+        "final_loss": result.last_loss,
+        "source_model": str(args.model),
+        "seconds": seconds,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    dims = save_factorized(model, args.output, ref.path, method.name, task.name, args.rank_multiple, extra,
+                           overwrite=args.overwrite)
+    import shutil
+
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    kept = dims.params["factorized"] / dims.params["dense"]
+    summary = {
+        "output": str(args.output), "method": method.name, "factorized_linears": len(dims.linears),
+        "decoder_linear_params": dims.params, "kept_fraction": round(kept, 4), "seconds": seconds,
+        "train_tokens": result.train_tokens, "peak_rss_mib": extra["peak_rss_mib"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"basel-edge: wrote {args.output} ({method.name}, {len(dims.linears)} factorized linears, "
+              f"{kept:.3f} of decoder-linear parameters kept, {result.train_tokens} training tokens, {seconds} s, "
+              f"peak RSS {extra['peak_rss_mib']:.0f} MiB)")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`basel-edge finetune CKPT`: part 2, fine-tune both factors of every factorized linear."""
+    import torch
+
+    from ..atomic import check_output_dir
+    from ..checkpoint import load_factorized, read_dimension_file, save_factorized
+    from ..data import load_task
+    from ..models import load_tokenizer, resolve_model
+    from ..train import LoopConfig, peak_rss_mib
+    from .basel import finetune
+
+    ref = resolve_model(args.model)
+    if not ref.factorized:
+        raise UserError(f"{ref.path} is not a factorized checkpoint; `basel-edge compress` a model first")
+    if args.lr <= 0:
+        raise UserError(f"learning rate must be positive, got {args.lr}")
+    loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                      grad_checkpointing=args.grad_checkpointing)
+    check_output_dir(args.output, args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dims = read_dimension_file(ref.path)
+    task = load_task(args.task, args.data, seed=args.seed)
+    start = time.perf_counter()
+    blocks = _train_blocks(task, load_tokenizer(ref.path), args.seq_len,
+                           args.train_tokens or args.steps * args.batch_size * args.seq_len)
+    model = load_factorized(ref.path)
+    result = finetune(model, blocks, loop, args.lr, progress=not args.quiet)
+    extra = {**dims.extra, "finetune": {"steps": args.steps, "lr": args.lr, "tokens": result.train_tokens,
+                                        "task": task.name, "final_loss": result.last_loss,
+                                        "seconds": round(time.perf_counter() - start, 1),
+                                        "peak_rss_mib": round(peak_rss_mib(), 1)}}
+    method = dims.method if dims.method.endswith("+ft") else f"{dims.method}+ft"
+    save_factorized(model, args.output, ref.path, method, task.name, dims.rank_multiple, extra,
+                    overwrite=args.overwrite)
+    print(f"basel-edge: wrote {args.output} ({method}, {result.train_tokens} fine-tuning tokens, "
+          f"final loss {result.last_loss:.4f})")
+    return 0
+
+
+def add_finetune_parser(sub, add_data_args) -> None:
+    p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
+    p.add_argument("model", help="factorized checkpoint directory")
+    add_data_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH)
+    p.add_argument("--train-tokens", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,207 @@
+"""The training loop that Basel (part 1) and fine-tuning (part 2) share.
+
+Deterministic by construction so an interrupted run resumes to the same result: the rows of step s are a
+function of (seed, s) only, any randomness a step needs comes from a generator seeded by (seed, s), and a
+checkpoint holds the trainable tensors, the optimizer state, the caller's extra state (masks, ...) and the
+torch RNG state. Checkpoints are written to a temporary file and renamed, so a kill -9 never leaves a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import TokenBlocks
+from .errors import UserError
+
+STATE_FILE = "train_state.pt"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; asking for CUDA without one is a user error."""
+    if device not in DEVICES:
+        raise UserError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class LoopConfig:
+    """How to run the optimisation: steps, batch, learning rates, device, and checkpointing."""
+
+    steps: int
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 0
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise UserError(f"steps must be non-negative, got {self.steps}")
+        if self.batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"checkpoint interval must be non-negative, got {self.checkpoint_every}")
+        if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
+            raise UserError("checkpointing and --resume need a checkpoint directory")
+        resolve_device(self.device)
+
+
+def step_rows(n_rows: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Row indices of `step`: epochs are seeded permutations of all rows, consumed batch by batch."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[pos]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, salt)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + salt)
+
+
+def fingerprint(obj: dict) -> str:
+    """Short hash of a run's settings, so --resume refuses a checkpoint from different settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoopResult:
+    """What the loop did: steps run in this process, the last loss, and the tokens trained on overall."""
+
+    steps_run: int
+    resumed_from: int
+    last_loss: float | None
+    train_tokens: int
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(checkpoint_dir: Path, expect: str) -> dict | None:
+    """The saved state of a run with fingerprint `expect`, or None when there is none yet."""
+    path = checkpoint_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != expect:
+        raise UserError(
+            f"{path} was written by a run with different settings; resume with the same arguments or delete it"
+        )
+    return state
+
+
+def batch_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Causal-LM cross-entropy (HF shifts the labels; -100 marks prompt and padding)."""
+    device = ids.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+
+def train_loop(
+    model: nn.Module,
+    param_groups: list[dict],
+    blocks: TokenBlocks,
+    cfg: LoopConfig,
+    run_fingerprint: str,
+    before_step: Callable[[int], None] | None = None,
+    extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> LoopResult:
+    """AdamW over `param_groups` for `cfg.steps` steps on `blocks`, resumable from `cfg.checkpoint_dir`.
+
+    `before_step(s)` runs before step s (pruning events); `extra_state` saves/restores what it changes.
+    """
+    device = next(model.parameters()).device
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    start = 0
+    if cfg.resume and cfg.checkpoint_dir is not None:
+        state = load_state(cfg.checkpoint_dir, run_fingerprint)
+        if state is not None:
+            with torch.no_grad():
+                for n, t in state["params"].items():
+                    named[n].copy_(t)
+            optimizer.load_state_dict(state["optimizer"])
+            if extra_state is not None:
+                extra_state[1](state["extra"])
+            torch.set_rng_state(state["rng"])
+            start = int(state["step"])
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    last = None
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(start, cfg.steps):
+            if before_step is not None:
+                before_step(step)
+            rows = step_rows(len(blocks), step, cfg.batch_size, cfg.seed)
+            ids = blocks.input_ids[rows].to(device)
+            labels = blocks.labels[rows].to(device)
+            loss = batch_loss(model, ids, labels, cfg.amp)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.3f}", rss=f"{peak_rss_mib():.0f}M")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_state(
+                    cfg.checkpoint_dir / STATE_FILE,
+                    {
+                        "fingerprint": run_fingerprint,
+                        "step": step + 1,
+                        "params": {n: p.detach().cpu().clone() for n, p in named.items()},
+                        "optimizer": optimizer.state_dict(),
+                        "extra": extra_state[0]() if extra_state is not None else {},
+                        "rng": torch.get_rng_state(),
+                    },
+                )
+            if on_step is not None:
+                on_step(step, last)
+    finally:
+        bar.close()
+        model.eval()
+        if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+    tokens = cfg.steps * cfg.batch_size * blocks.input_ids.shape[1]
+    return LoopResult(steps_run=cfg.steps - start, resumed_from=start, last_loss=last, train_tokens=tokens)
+
+
+def loop_settings(cfg: LoopConfig) -> dict:
+    """The parts of a LoopConfig that change the result (for the fingerprint)."""
+    d = asdict(cfg)
+    for k in ("checkpoint_every", "checkpoint_dir", "resume", "grad_checkpointing", "device"):
+        d.pop(k)
+    return d
