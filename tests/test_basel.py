@@ -16,6 +16,7 @@ from basel_edge.compress.basel import (
     run_basel,
     to_basel,
 )
+from basel_edge.compress.calibration import collect
 from basel_edge.data import load_data, pack
 from basel_edge.errors import UserError
 from basel_edge.lowrank import LowRankLinear, decoder_linears
@@ -32,7 +33,7 @@ def blocks(tiny_llama, tiny_text_data):
 
 
 def _cfg(**kw):
-    base = dict(keep=0.5, r_add=8, rank_multiple=MULTIPLE, steps=12, keep_steps=3, prune_events=3, lr=1e-2)
+    base = dict(basis="svd", keep=0.5, r_add=8, rank_multiple=MULTIPLE, steps=12, keep_steps=3, prune_events=3, lr=1e-2)
     return BaselConfig(**{**base, **kw})
 
 
@@ -70,10 +71,12 @@ def test_new_bases_get_gradients(tiny_llama, blocks):
         assert m.v_add.grad is not None and m.v_add.grad.abs().sum() > 0
 
 
-def test_initial_basel_model_computes_the_dense_model(tiny_llama, blocks):
+@pytest.mark.parametrize("basis", ["svd", "svd-llm"])
+def test_initial_basel_model_computes_the_dense_model(tiny_llama, blocks, basis):
     dense = load_dense(tiny_llama)
     model = load_dense(tiny_llama)
-    to_basel(model, _cfg(), None, torch.device("cpu"), progress=False)
+    stats = collect(model, blocks, frozenset({"xtx"}), progress=False) if basis == "svd-llm" else None
+    to_basel(model, _cfg(basis=basis), stats, torch.device("cpu"), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(model(blocks.input_ids[:2]).logits, dense(blocks.input_ids[:2]).logits,
                                    atol=1e-3, rtol=1e-3)
@@ -219,6 +222,8 @@ def test_bad_configs_are_user_errors():
                 dict(lr=0.0), dict(importance="x")):
         with pytest.raises(UserError):
             _cfg(**bad)
+    with pytest.raises(UserError, match="needs calibration"):
+        run_basel(torch.nn.Module(), None, _cfg(basis="svd-llm"), LoopConfig(steps=12), progress=False)
     with pytest.raises(UserError, match="trains on the task"):
         compress(torch.nn.Module(), "basel", Budget(keep=0.5))
 

@@ -54,17 +54,18 @@ class BaselConfig:
 
     mode `budget` reaches `keep` of the decoder-linear parameters (new bases included); mode `mass` keeps
     a fraction `mass` of each matrix's coefficient mass (the paper). `basis` names the SVD-family method
-    whose (weighted) SVD supplies the frozen bases: `svd` is the paper's plain SVD.
+    whose (weighted) SVD supplies the frozen bases: `svd` is the paper's plain SVD; the default `svd-llm`
+    (whitened) starts from a far better truncation, which matters with CPU-sized training budgets.
     """
 
     keep: float = 0.5
     mode: str = "budget"
     mass: float = 0.5
     importance: str = "coefficient"
-    basis: str = "svd"
+    basis: str = "svd-llm"
     r_add: int = 32
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
-    steps: int = 60
+    steps: int = 160
     keep_steps: int | None = None
     prune_events: int = 4
     lr: float = 1e-3
@@ -427,7 +428,10 @@ class Pruner:
 
     def importance(self, step: int) -> dict[str, torch.Tensor]:
         if self.cfg.importance == "coefficient":
-            return coefficient_importance(self.layers)
+            c = coefficient_importance(self.layers)
+            # Across matrices the budget compares energies c², the (weighted) squared error a basis carries,
+            # as the SVD-family methods do with σ²; within a matrix c and c² order the bases alike.
+            return c if self.cfg.mode == "mass" else {n: v.square() for n, v in c.items()}
         rows = step_rows(len(self.blocks), step, self.loop.batch_size, self.loop.seed + 1)
         gen = step_generator(self.loop.seed, step, salt=1)
         return bsi_importance(self.model, self.layers, self.blocks, rows, self.cfg.bsi_probes, self.cfg.bsi_eps, gen,
@@ -479,9 +483,9 @@ def run_basel(
         loop = LoopConfig(**{**asdict(loop), "steps": cfg.steps})
     device = resolve_device(loop.device)
     method = METHODS[cfg.basis]()
-    stats = collect(model, calibration, method.needs, progress=progress) if method.needs else None
     if method.needs and calibration is None:
         raise UserError(f"basis '{cfg.basis}' needs calibration data")
+    stats = collect(model, calibration, method.needs, progress=progress) if method.needs else None
     model.to(device)
     to_basel(model, cfg, stats, device, seed=loop.seed, progress=progress)
     layers = basel_layers(model)

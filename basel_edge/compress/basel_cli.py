@@ -11,8 +11,9 @@ from pathlib import Path
 from ..errors import UserError
 
 # CPU defaults sized so `basel-edge compress --method basel` on SmolLM2-135M takes well under 30 minutes on a
-# loaded 2-core machine (see README, "Basel"): 80 steps of 2 rows of 256 tokens = 40,960 training tokens.
-DEFAULT_STEPS = 80
+# loaded 2-core machine (measured ~5 s per step at one thread, see README "Basel"): 160 steps of 2 rows of
+# 256 tokens = 81,920 training tokens.
+DEFAULT_STEPS = 160
 DEFAULT_TRAIN_SEQ_LEN = 256
 DEFAULT_TRAIN_BATCH = 2
 DEFAULT_CHECKPOINT_EVERY = 10
@@ -28,7 +29,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="budget: reach --keep of decoder-linear parameters; mass: keep --mass of each matrix's "
                         "coefficient mass (the paper)")
     g.add_argument("--mass", type=float, default=0.5, help="coefficient mass K kept in --prune-mode mass")
-    g.add_argument("--basis", default="svd", help="SVD-family method supplying the frozen bases (svd = paper)")
+    g.add_argument("--basis", default="svd-llm",
+                   help="SVD-family method supplying the frozen bases (svd = the paper's plain SVD)")
     g.add_argument("--r-add", type=int, default=32, help="new trainable bases per matrix")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--train-seq-len", type=int, default=DEFAULT_TRAIN_SEQ_LEN, help="tokens per training row")
@@ -77,8 +79,8 @@ def run_compress(args: argparse.Namespace, method) -> int:
                       grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every,
                       checkpoint_dir=ckpt_dir, resume=args.resume)
     check_output_dir(args.output, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # One thread unless asked: on a shared 2-core machine two threads made a training step ~13x slower.
+    torch.set_num_threads(args.threads or 1)
     ref = resolve_model(args.model)
     if ref.factorized:
         raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
@@ -145,8 +147,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
                       grad_checkpointing=args.grad_checkpointing)
     check_output_dir(args.output, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     dims = read_dimension_file(ref.path)
     task = load_task(args.task, args.data, seed=args.seed)
     start = time.perf_counter()
