@@ -280,3 +280,41 @@ def test_cli_basel_user_errors(capsys, tiny_llama, tiny_text_data, tmp_path, ext
                         "-o", tmp_path / "o", *extra)
     assert code == 2 and err.strip().splitlines()[-1].startswith("basel-edge: error:") and fragment in err, err
     assert not (tmp_path / "o").exists()
+
+
+def _merged(path):
+    from safetensors.torch import load_file
+
+    t = load_file(path / "model.safetensors")
+    return {k[: -len(".a.weight")]: t[k[: -len(".a.weight")] + ".b.weight"].double() @ t[k].double()
+            for k in t if k.endswith(".a.weight")}
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_llama, tiny_text_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["compress", "--model", str(tiny_llama), "--data", str(tiny_text_data), "--method", "basel", "--basis", "svd",
+            "--rank-multiple", "8", "--r-add", "8", "--steps", "120", "--prune-events", "3", "--train-seq-len", "64",
+            "--lr", "1e-2", "--checkpoint-every", "5", "--threads", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "basel_edge"]
+    subprocess.run([*cmd, *argv, "-o", str(tmp_path / "full")], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    state = tmp_path / ".killed.train" / "train_state.pt"
+    proc = subprocess.Popen([*cmd, *argv, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not out.exists()
+    done = subprocess.run([*cmd, *argv, "-o", str(out), "--resume", "--json"], check=True, capture_output=True, text=True)
+    assert json.loads(done.stdout)["kept_fraction"] > 0
+    want, got = _merged(tmp_path / "full"), _merged(out)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert (want[name] - got[name]).abs().max() <= 1e-5, name

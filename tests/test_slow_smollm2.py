@@ -60,3 +60,29 @@ def test_svd_llm_half_budget_round_trip(smollm2, tmp_path):
     blocks = pack(task.validation, tok, seq_len=256, max_tokens=1024)
     ppl = perplexity(loaded, blocks, progress=False).perplexity
     assert math.isfinite(ppl) and ppl > 1.0
+
+
+def test_basel_short_run_end_to_end(smollm2, tmp_path):
+    """A few Basel steps on SmolLM2: budget reached, checkpoint loads, perplexity stays sane."""
+    from basel_edge.compress.basel import BaselConfig, run_basel
+    from basel_edge.train import LoopConfig
+
+    path, _, tok = smollm2
+    torch.set_num_threads(1)
+    model = load_dense(path)
+    task = load_task("python-code")
+    blocks = pack(task.train, tok, seq_len=128, max_tokens=4 * 128)
+    cfg = BaselConfig(keep=0.6, basis="svd", steps=4, keep_steps=1, prune_events=2, lr=1e-3)
+    result = run_basel(model, blocks, cfg, LoopConfig(steps=4, batch_size=1), progress=False)
+    stored = sum(m.rank * (m.in_features + m.out_features) if isinstance(m, LowRankLinear) else m.in_features * m.out_features
+                 for m in decoder_linears(model).values())
+    dense = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
+    slack = sum(32 * (m.in_features + m.out_features) for m in decoder_linears(model).values())
+    assert 0.6 * dense - slack <= stored <= 0.6 * dense
+    assert all(m.rank % 32 == 0 for m in decoder_linears(model).values() if isinstance(m, LowRankLinear))
+    assert result.train_tokens == 4 * 128
+    save_factorized(model, tmp_path / "b", path, method="basel", task="python-code")
+    loaded = load_factorized(tmp_path / "b")
+    held = pack(task.validation, tok, seq_len=128, max_tokens=512)
+    ppl = perplexity(loaded, held, progress=False).perplexity
+    assert math.isfinite(ppl) and ppl < 1e4

@@ -1,0 +1,159 @@
+"""Benchmark: trained compression (Basel, BSI) vs SVD-LLM with and without the same fine-tuning, SmolLM2-135M.
+
+Every compression runs as its own `basel-edge` process (so wall time and peak RSS are per method, read with
+wait4); every trained method gets the same training-token budget (`--steps` x 2 rows x `--train-seq-len`).
+Each result is scored in this process on held-out python-code text (packed) and on the HumanEval canonical
+solutions (one row per problem, prompt masked). Writes eval/results/compress.{json,md} after every model.
+
+    flock /tmp/basel-heavy.lock python -m eval.bench_compress [--keeps 0.4 0.6] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from basel_edge.checkpoint import load_model
+from basel_edge.data import TokenBlocks, load_task, pack
+from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from basel_edge.perplexity import perplexity
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 2
+
+
+def run_cli(argv: list[str]) -> dict:
+    """Run `basel-edge ARGV`; return its wall seconds and peak RSS (MiB) from wait4."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "basel_edge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"basel-edge {' '.join(argv)} failed:\n{err[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "stdout": out.strip()}
+
+
+def by_length(blocks: TokenBlocks) -> TokenBlocks:
+    """Rows sorted by length so batches carry little padding (padding is never scored either way)."""
+    width = blocks.labels.shape[1]
+    lengths = ((blocks.labels != -100) * torch.arange(1, width + 1)).max(1).values
+    order = torch.argsort(lengths)
+    return TokenBlocks(blocks.input_ids[order], blocks.labels[order])
+
+
+def markdown(report: dict) -> str:
+    keeps = report["keeps"]
+    head = "| method | keep | decoder params kept | python-code ppl | humaneval ppl | train tokens | wall (s) | peak RSS (MiB) |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    d = report["dense"]
+    lines.append(f"| dense | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – |")
+    for keep in keeps:
+        for r in report["rows"]:
+            if r["keep"] != keep:
+                continue
+            lines.append(
+                f"| {r['method']} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
+                f"{r['train_tokens']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.4, 0.6])
+    parser.add_argument("--methods", nargs="+", default=["svd-llm", "svd-llm+ft", "basel", "bsi"])
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every trained method")
+    parser.add_argument("--train-seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/basel-bench"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    ref = resolve_model(DEFAULT_MODEL)
+    tok = load_tokenizer(ref.path)
+    heldout = pack(load_task("python-code").validation, tok, args.seq_len, max_tokens=args.eval_tokens)
+    humaneval = by_length(pack(load_task("humaneval").validation, tok, args.seq_len, packing=False))
+    tokens = args.steps * BATCH * args.train_seq_len
+    report = {
+        "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to fp32)",
+        "task": "python-code",
+        "train_tokens_per_trained_method": tokens,
+        "steps": args.steps,
+        "train_batch": BATCH,
+        "train_seq_len": args.train_seq_len,
+        "python_eval_tokens": heldout.scored_tokens,
+        "humaneval_eval_tokens": humaneval.scored_tokens,
+        "threads": 1,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "keeps": args.keeps,
+        "rows": [],
+    }
+
+    def score(path) -> tuple[float, float]:
+        model = load_model(path)
+        a = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+        b = perplexity(model, humaneval, batch_size=4, progress=False).perplexity
+        return a, b
+
+    def write() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "compress.md").write_text(markdown(report) + "\n")
+
+    py, he = score(DEFAULT_MODEL)
+    report["dense"] = {"python_ppl": py, "humaneval_ppl": he}
+    print(f"dense: python {py:.3f} humaneval {he:.3f}", flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    common = ["--task", "python-code", "--threads", "1", "--overwrite", "--quiet"]
+    trained = ["--steps", str(args.steps), "--train-seq-len", str(args.train_seq_len), "--train-batch-size", str(BATCH)]
+    for keep in args.keeps:
+        for method in args.methods:
+            out = args.work / f"{method}-{keep}"
+            if method == "svd-llm":
+                run = run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(out), *common])
+                train_tokens = 0
+            elif method == "svd-llm+ft":
+                base = args.work / f"svd-llm-{keep}"
+                if not (base / "basel.json").is_file():
+                    run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(base), *common])
+                prior = next((r for r in report["rows"] if r["method"] == "svd-llm" and r["keep"] == keep), None)
+                run = run_cli(["finetune", str(base), "--steps", str(args.steps), "--seq-len", str(args.train_seq_len),
+                               "--batch-size", str(BATCH), "-o", str(out), *common])
+                if prior is not None:
+                    run["seconds"] = round(run["seconds"] + prior["seconds"], 1)
+                    run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
+                train_tokens = tokens
+            else:
+                name, _, variant = method.partition(":")
+                extra = ["--basis", variant] if variant else []
+                run = run_cli(["compress", "--method", name, "--keep", str(keep), "-o", str(out), *trained, *extra,
+                               *common])
+                train_tokens = tokens
+            dims = json.loads((out / "basel.json").read_text())
+            py, he = score(out)
+            row = {
+                "method": method, "keep": keep, "kept": dims["params"]["factorized"] / dims["params"]["dense"],
+                "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens, **run,
+            }
+            row.pop("stdout")
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            write()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
