@@ -244,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_keep, default=0.5, help="fraction of decoder-linear parameters kept")
     p.add_argument("--ranks", type=Path, help="JSON of explicit ranks per linear name or pattern (instead of --keep)")
     p.add_argument("--rank-multiple", type=_positive_int, default=DEFAULT_RANK_MULTIPLE)
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="global")
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="uniform",
+        help="rank allocation of SVD-family methods: uniform (measured best at keep <= 0.6, eval/results/baselines.md) or global",
+    )
     p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
     p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)
     p.add_argument("--batch-size", type=_positive_int, default=4)

@@ -53,3 +53,7 @@ def get_exporter(name: str) -> type[Exporter]:
         except ImportError as exc:
             raise UserError(f"export target '{name}' is not installed here ({exc}); run `make setup`") from None
     return EXPORTERS[name]
+
+
+declare("onnx", "exporters.onnx")
+declare("gguf", "exporters.gguf")

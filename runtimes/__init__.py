@@ -88,3 +88,4 @@ def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", th
 
 
 declare("torch", "runtimes.torch_eager")
+declare("onnxruntime", "runtimes.onnxruntime")

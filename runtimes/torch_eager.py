@@ -48,11 +48,11 @@ class TorchRuntime(Runtime):
         out = self.model(input_ids=ids, use_cache=True)
         token = int(out.logits[0, -1].argmax())
         prefill = time.perf_counter() - start
-        tokens, past = [token], out.past_key_values
+        tokens, past = [token], out.cache
         start = time.perf_counter()
         while len(tokens) < max_new_tokens:
-            out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=self.device), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=self.device), cache=past, use_cache=True)
+            past = out.cache
             tokens.append(int(out.logits[0, -1].argmax()))
         return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss())
 

@@ -31,7 +31,7 @@ def test_compress_info_merge_eval_end_to_end(capsys, tiny_llama, tiny_text_data,
     )
     assert code == 0
     summary = json.loads(stdout)
-    assert summary["method"] == "svd-llm" and 0.4 < summary["kept_fraction"] <= 0.5
+    assert summary["method"] == "svd-llm" and 0.4 < summary["kept_fraction"] < 0.6
     dims = json.loads((out / "basel.json").read_text())
     assert dims["method"] == "svd-llm" and dims["extra"]["keep"] == 0.5
 

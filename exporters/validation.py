@@ -1,0 +1,59 @@
+"""Export fidelity checks shared by the targets: logits of the exported model vs the torch model.
+
+Printed in optimum-cli's style, one ✓/✗ line per check; any ✗ fails the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+VALIDATION_PROMPTS = (
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n",
+    "The quick brown fox jumps over the lazy dog. Once upon a time,",
+)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Max abs diff, top-1 agreement and mean KL(reference ‖ candidate) over positions [T, vocab]."""
+    ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
+    kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(-1)
+    return {
+        "max_abs_diff": float(np.abs(reference.astype(np.float64) - candidate).max()),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+        "mean_kl": float(kl.mean()),
+        "positions": int(reference.shape[0]),
+    }
+
+
+@dataclass
+class ValidationReport:
+    """Named checks with pass/fail and the numbers behind them."""
+
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append((name, bool(ok), detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def lines(self) -> list[str]:
+        return [f"\t-[{'✓' if ok else '✗'}] {name}{': ' + detail if detail else ''}" for name, ok, detail in self.checks]
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in self.checks],
+            "metrics": self.metrics,
+        }
