@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_output_dir
-from .errors import UserError
+from .errors import UserError, read_json
 from .lowrank import DEFAULT_RANK_MULTIPLE, LowRankLinear, decoder_linears, merge_to_dense_, set_module
 from .models import check_supported, copy_tokenizer_files, load_dense, resolve_model
 
@@ -96,12 +96,7 @@ class DimensionFile:
 def read_dimension_file(path: str | Path) -> DimensionFile:
     """Read and validate `basel.json` from a factorized checkpoint directory."""
     file = Path(path) / DIMENSION_FILE
-    if not file.is_file():
-        raise UserError(f"{path} has no {DIMENSION_FILE}; it is not a factorized checkpoint")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    data = read_json(file, f"{path} has no {DIMENSION_FILE}; it is not a factorized checkpoint")
     return DimensionFile.from_json(data, file)
 
 

