@@ -1,0 +1,311 @@
+"""GGUF export (llama.cpp): `basel-edge export --target gguf MODEL -o OUT.gguf [--layout] [--weights]`.
+
+Writes a `llama`-architecture GGUF with the gguf package: the standard llama hyper-parameters, the full
+tokenizer metadata, and the weights in Q8_0 (default), F16 or F32. `--layout factorized` (default for a
+factorized checkpoint) keeps each factorized linear as two tensors `_lr_a`/`_lr_b` (see gguf_format.py) that
+only the patched llama.cpp of runtimes/llama_cpp runs; `--layout dense` multiplies them back into a standard
+file any llama.cpp loads. The file is written beside the target and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from basel_edge.errors import UserError
+
+from . import Exporter, register
+from .gguf_format import (
+    ARCH,
+    FORMAT_VERSION,
+    KEY_FACTORIZED_LINEARS,
+    KEY_FORMAT_VERSION,
+    KEY_LAYOUT,
+    KEY_METHOD,
+    KEY_PARAMS_DENSE,
+    KEY_PARAMS_FACTORIZED,
+    KEY_RANK_MAX,
+    KEY_RANK_MIN,
+    KEY_RANK_MULTIPLE,
+    KEY_TASK,
+    LAYOUTS,
+    LOWRANK_PROJECTIONS,
+    lowrank_names,
+)
+from .gguf_tokenizer import add_tokenizer
+
+WEIGHT_FORMATS = ("q8_0", "f16", "f32")
+DEFAULT_WEIGHTS = "q8_0"
+Q8_0_BLOCK = 32
+# HF module suffixes whose rows llama.cpp expects in its rotary (interleaved-halves) order
+ROPE_PERMUTED = {"self_attn.q_proj": "heads", "self_attn.k_proj": "kv_heads"}
+
+
+def _file_type(weights: str):
+    import gguf
+
+    return {
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[weights]
+
+
+def rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder the output rows of a q/k projection from HF's rotate-half layout to llama.cpp's.
+
+    Each head's rows [first half | second half] become interleaved pairs, which is what llama.cpp's
+    `ggml_rope` (normal mode) expects for the llama architecture. Works on a weight [out, in], a `b` factor
+    [out, r] or a bias [out].
+    """
+    out = rows.shape[0]
+    head_dim = out // n_head
+    return rows.reshape(n_head, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the rank of A [r, in] and B [out, r] up to a multiple (exact: the extra terms are zero)."""
+    r = a.shape[0]
+    padded = -(-r // multiple) * multiple
+    if padded == r:
+        return a, b
+    return (torch.cat([a, a.new_zeros(padded - r, a.shape[1])]),
+            torch.cat([b, b.new_zeros(b.shape[0], padded - r)], dim=1))
+
+
+class _Config:
+    """The llama hyper-parameters of an HF config, checked for what the GGUF llama architecture can express."""
+
+    def __init__(self, config: dict, where: Path) -> None:
+        if config.get("model_type") != "llama":
+            raise UserError(f"{where}: GGUF export supports model_type 'llama', not '{config.get('model_type')}'")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise UserError(f"{where}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not supported")
+        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
+            raise UserError(f"{where}: only SiLU-gated MLPs without bias map to the GGUF llama architecture")
+        self.n_layer = int(config["num_hidden_layers"])
+        self.n_embd = int(config["hidden_size"])
+        self.n_ff = int(config["intermediate_size"])
+        self.n_head = int(config["num_attention_heads"])
+        self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
+        self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
+        self.n_ctx = int(config.get("max_position_embeddings", 2048))
+        self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        self.rms_eps = float(config.get("rms_norm_eps", 1e-6))
+        self.vocab_size = int(config["vocab_size"])
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.name = str(config.get("_name_or_path") or config.get("_model_name_or_path") or where.name)
+
+    def add_to(self, writer) -> None:
+        writer.add_name(self.name)
+        writer.add_block_count(self.n_layer)
+        writer.add_context_length(self.n_ctx)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_rope_freq_base(self.rope_theta)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+        writer.add_vocab_size(self.vocab_size)
+        writer.add_rope_dimension_count(self.head_dim)
+        if self.head_dim != self.n_embd // self.n_head:
+            writer.add_key_length(self.head_dim)
+            writer.add_value_length(self.head_dim)
+
+
+class _Converter:
+    """Turns a loaded (dense or LowRankLinear) model's tensors into GGUF tensors."""
+
+    def __init__(self, cfg: _Config, weights: str, layout: str) -> None:
+        import gguf
+
+        self.cfg, self.weights, self.layout = cfg, weights, layout
+        self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+        self.ranks: list[int] = []
+
+    def gguf_name(self, hf_name: str) -> str:
+        name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"tensor '{hf_name}' has no llama GGUF name")
+        return name
+
+    def _rope_heads(self, module_name: str) -> int | None:
+        for suffix, kind in ROPE_PERMUTED.items():
+            if module_name.endswith(suffix):
+                return self.cfg.n_head if kind == "heads" else self.cfg.n_head_kv
+        return None
+
+    def encode(self, tensor: torch.Tensor, quantizable: bool) -> tuple[np.ndarray, object]:
+        """numpy data and ggml type: matrices in the chosen format, vectors (norms, biases) in F32."""
+        import gguf
+
+        data = tensor.detach().float().cpu().numpy()
+        if not quantizable or data.ndim < 2 or self.weights == "f32":
+            return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+        if self.weights == "f16":
+            return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        if data.shape[-1] % Q8_0_BLOCK:
+            raise UserError(f"a row length of {data.shape[-1]} is not a multiple of {Q8_0_BLOCK}; Q8_0 needs it")
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+    def tensors(self, model: torch.nn.Module):
+        """Yield (gguf name, torch tensor, quantizable) for every tensor of the GGUF file, in model order."""
+        from basel_edge.lowrank import LowRankLinear
+
+        lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        state = model.state_dict()
+        if self.cfg.tied:
+            state.pop("lm_head.weight", None)
+        handled: set[str] = set()
+        for module_name, module in lowrank.items():
+            base = self.gguf_name(module_name + ".weight").removesuffix(".weight")
+            if base.split(".")[-1] not in LOWRANK_PROJECTIONS:
+                raise UserError(f"'{module_name}' is factorized but llama.cpp has no low-rank form for '{base}'")
+            heads = self._rope_heads(module_name)
+            a, b = module.a.weight.detach(), module.b.weight.detach()
+            if heads:
+                b = rope_permute(b, heads)
+            if self.layout == "dense":
+                yield base + ".weight", b.float() @ a.float(), True
+            else:
+                if self.weights == "q8_0":
+                    a, b = pad_rank(a, b, Q8_0_BLOCK)
+                self.ranks.append(module.rank)
+                name_a, name_b = lowrank_names(base)
+                yield name_a, a, True
+                yield name_b, b, True
+            bias = module.b.bias
+            if bias is not None:
+                yield base + ".bias", rope_permute(bias.detach(), heads) if heads else bias.detach(), False
+            handled.update(f"{module_name}.{p}" for p in ("a.weight", "b.weight", "b.bias"))
+        for hf_name, tensor in state.items():
+            if hf_name in handled:
+                continue
+            module_name = hf_name.rsplit(".", 1)[0]
+            heads = self._rope_heads(module_name)
+            if heads:
+                tensor = rope_permute(tensor, heads)
+            yield self.gguf_name(hf_name), tensor, hf_name.endswith(".weight") and tensor.dim() == 2
+
+
+def _basel_metadata(writer, model_dir: Path, layout: str, ranks: list[int]) -> None:
+    from basel_edge.checkpoint import DIMENSION_FILE, read_dimension_file
+
+    writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+    writer.add_string(KEY_LAYOUT, layout)
+    if not (model_dir / DIMENSION_FILE).is_file():
+        return
+    dims = read_dimension_file(model_dir)
+    writer.add_string(KEY_METHOD, dims.method)
+    if dims.task:
+        writer.add_string(KEY_TASK, dims.task)
+    writer.add_uint32(KEY_RANK_MULTIPLE, dims.rank_multiple)
+    writer.add_uint32(KEY_FACTORIZED_LINEARS, len(dims.linears))
+    all_ranks = ranks or [d.rank for d in dims.linears.values()]
+    if all_ranks:
+        writer.add_uint32(KEY_RANK_MIN, min(all_ranks))
+        writer.add_uint32(KEY_RANK_MAX, max(all_ranks))
+    for key, value in ((KEY_PARAMS_DENSE, "dense"), (KEY_PARAMS_FACTORIZED, "factorized")):
+        if value in dims.params:
+            writer.add_uint64(key, int(dims.params[value]))
+
+
+def export_gguf(
+    model_spec: str | Path,
+    output: str | Path,
+    weights: str = DEFAULT_WEIGHTS,
+    layout: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write `model_spec` (dense or factorized checkpoint) as a llama GGUF at `output`; return a summary."""
+    import gguf
+    from tqdm import tqdm
+
+    from basel_edge.checkpoint import load_model
+    from basel_edge.models import resolve_model
+
+    if weights not in WEIGHT_FORMATS:
+        raise UserError(f"--weights {weights!r} is not a GGUF weight format; choose one of {', '.join(WEIGHT_FORMATS)}")
+    ref = resolve_model(model_spec)
+    layout = layout or ("factorized" if ref.factorized else "dense")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
+    if layout == "factorized" and not ref.factorized:
+        raise UserError(f"{model_spec} is a dense model; --layout factorized needs a factorized checkpoint")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists; choose another path or pass --overwrite")
+    if output.is_dir():
+        raise UserError(f"output {output} is a directory; give a .gguf file path")
+    cfg = _Config(json.loads((ref.path / "config.json").read_text()), ref.path)
+    model = load_model(ref.path)
+    converter = _Converter(cfg, weights, layout)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        cfg.add_to(writer)
+        writer.add_file_type(_file_type(weights))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, ref.path, cfg.vocab_size)
+        n_tensors = 0
+        with torch.no_grad():
+            items = list(converter.tensors(model))
+            bar = tqdm(items, desc=f"gguf {weights} {layout}", unit="tensor", disable=not progress)
+            for name, tensor, quantizable in bar:
+                data, qtype = converter.encode(tensor, quantizable)
+                bar.set_postfix_str(f"{name} {qtype.name} {tuple(tensor.shape)}", refresh=False)
+                writer.add_tensor(name, data, raw_dtype=qtype)
+                n_tensors += 1
+        _basel_metadata(writer, ref.path, layout, converter.ranks)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        tmp.replace(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "layout": layout,
+        "weights": weights,
+        "tensors": n_tensors,
+        "factorized_linears": len(converter.ranks),
+    }
+
+
+@register
+class GGUFExporter(Exporter):
+    name = "gguf"
+    description = "llama.cpp GGUF (llama architecture); factorized layers need the patched llama.cpp"
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--layout", choices=LAYOUTS, default=None,
+                           help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
+                                "back, a standard llama GGUF (default: factorized for a factorized checkpoint)")
+
+    def export(self, args: argparse.Namespace) -> int:
+        summary = export_gguf(
+            args.model, args.output, weights=args.weights or DEFAULT_WEIGHTS, layout=getattr(args, "layout", None),
+            overwrite=args.overwrite, progress=not args.quiet,
+        )
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        elif not args.quiet:
+            print(f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['weights']}, "
+                  f"{summary['layout']} layout, {summary['factorized_linears']} factorized linears)")
+        return 0

@@ -1,0 +1,107 @@
+"""The llama.cpp engine on llama-cpp-python, built with the low-rank patch (see build.py and lowrank.patch).
+
+`LlamaCppRuntime.open(path.gguf)` checks the file first: a factorized GGUF (`_lr_a`/`_lr_b` tensors) only runs
+on the patched build, and basel-edge says so instead of surfacing llama.cpp's missing-tensor error alone.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from exporters.gguf_format import read_summary
+
+from .. import Generation, Runtime, Unavailable, register
+from .build import PIN, build_key, installed_key
+
+DEFAULT_CONTEXT = 2048
+BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def patched_binding_installed() -> bool:
+    """Whether this environment's llama-cpp-python is the patched build of this checkout's patch."""
+    return installed_key() in (build_key(cuda=False), build_key(cuda=True))
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise Unavailable(f"llama-cpp-python is not installed ({exc}); run `{BUILD_COMMAND}` (or `make setup`)") from None
+    return llama_cpp
+
+
+@register
+class LlamaCppRuntime(Runtime):
+    engine = "llama_cpp"
+
+    def __init__(self, path: Path, llm, device: str, threads: int) -> None:
+        self.path, self.llm, self.device, self.threads = path, llm, device, threads
+
+    @classmethod
+    def open(cls, artifact_path, device="cpu", threads=None, n_ctx: int = DEFAULT_CONTEXT):
+        path = Path(artifact_path)
+        if device == "mobile":
+            raise Unavailable("llama.cpp has no mobile profile here (use the executorch engine)")
+        summary = read_summary(path)
+        llama_cpp = _import_llama_cpp()
+        if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+            raise Unavailable(f"this llama-cpp-python has no GPU backend; run `{BUILD_COMMAND} --cuda` on a GPU machine")
+        if summary.factorized and not patched_binding_installed():
+            raise Unavailable(
+                f"{path} is a factorized GGUF ({summary.lowrank_tensor_count} _lr_a/_lr_b tensors): it needs the "
+                f"low-rank llama.cpp build of llama-cpp-python {PIN}; run `{BUILD_COMMAND}`"
+            )
+        threads = threads or 1
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads,
+                n_threads_batch=threads, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
+            )
+        except ValueError as exc:
+            hint = (f"; a factorized GGUF needs the low-rank build (`{BUILD_COMMAND}`)" if summary.factorized else "")
+            raise Unavailable(f"llama.cpp could not load {path} ({exc}){hint}") from None
+        return cls(path, llm, device, threads)
+
+    def logits(self, token_ids):
+        if len(token_ids) > self.llm.n_ctx():
+            raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.llm.n_ctx()}")
+        self.llm.reset()
+        self.llm.eval(list(token_ids))
+        return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
+
+    def generate(self, prompt_ids, max_new_tokens):
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(list(prompt_ids))
+        tokens = [int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))]
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        while len(tokens) < max_new_tokens and self.llm.n_tokens < self.llm.n_ctx():
+            self.llm.eval([tokens[-1]])
+            tokens.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss(),
+                          extra={"factorized": read_summary(self.path).factorized})
+
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python otherwise frees it at interpreter exit, noisily)."""
+        self.llm.close()
+
+    def info(self):
+        import llama_cpp
+
+        return {
+            "engine": self.engine,
+            "version": llama_cpp.__version__,
+            "lowrank_patch": patched_binding_installed(),
+            "device": self.device,
+            "threads": self.threads,
+            "bytes": self.path.stat().st_size,
+        }

@@ -1,0 +1,208 @@
+"""GGUF export (exporters/gguf.py) and the low-rank llama.cpp runtime (runtimes/llama_cpp) on tiny models."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from basel_edge.checkpoint import load_model, save_factorized
+from basel_edge.cli import main
+from basel_edge.compress import compress
+from basel_edge.errors import UserError
+from basel_edge.models import load_tokenizer
+from basel_edge.ranks import Budget
+from exporters.gguf import export_gguf
+from exporters.gguf_format import LR_A_SUFFIX, LR_B_SUFFIX, is_lowrank_tensor, read_summary
+from runtimes.llama_cpp import patched_binding_installed
+
+from conftest import make_tiny_llama
+
+needs_llama_cpp = pytest.mark.skipif(
+    not patched_binding_installed(),
+    reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build` (make setup)",
+)
+# Q8_0 rows are blocks of 32: hidden 64 and MLP 128 keep every row length a multiple of 32
+HIDDEN, MLP = 64, 128
+UNICODE_AND_SPECIALS = [
+    "def f(x):\n    return x ** 2  # ünïcödé ✓",
+    "日本語のテキスト and emoji 🙂🚀, tabs\tand  double  spaces",
+    "<s>special tokens</s> inside <unk> text",
+    "numbers 1234567 3.14159 -42 0x1F",
+    "  leading spaces and trailing newline\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny", hidden=HIDDEN, intermediate=MLP)
+
+
+def _factorize(src: Path, out: Path, ranks: dict) -> Path:
+    model = load_model(src)
+    compress(model, "svd", Budget(ranks=ranks, rank_multiple=32, force=True), progress=False)
+    save_factorized(model, out, src, method="svd")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_full_rank(tiny, tmp_path_factory) -> Path:
+    """Every linear factorized at its full rank: the factors multiply back to the dense weight exactly."""
+    kv = HIDDEN // 2  # 2 of 4 heads are KV heads
+    return _factorize(tiny, tmp_path_factory.mktemp("gguf") / "full", {"*.k_proj": kv, "*.v_proj": kv, "*": HIDDEN})
+
+
+@pytest.fixture(scope="module")
+def tiny_rank32(tiny, tmp_path_factory) -> Path:
+    return _factorize(tiny, tmp_path_factory.mktemp("gguf") / "r32", {"*": 32})
+
+
+def _text_ids(model_dir: Path, n: int = 300) -> list[int]:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text(encoding="utf-8")
+    return load_tokenizer(model_dir)(text)["input_ids"][:n]
+
+
+def _torch_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return load_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
+
+
+def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from runtimes import open_runtime
+
+    runtime = open_runtime("llama_cpp", path)
+    try:
+        return runtime.logits(ids)
+    finally:
+        runtime.close()
+
+
+def _tensors(path: Path) -> dict[str, tuple[int, ...]]:
+    from gguf import GGUFReader
+
+    return {t.name: tuple(int(d) for d in t.shape) for t in GGUFReader(path).tensors}
+
+
+def test_factorized_layout_names_shapes_and_metadata(tiny_rank32, tmp_path):
+    from gguf import GGUFReader
+
+    out = export_gguf(tiny_rank32, tmp_path / "m.gguf", progress=False)
+    shapes = _tensors(tmp_path / "m.gguf")
+    assert out["factorized_linears"] == 14
+    # ggml shapes: _lr_a {n_in, r} applied first, _lr_b {r, n_out}
+    assert shapes[f"blk.0.ffn_down{LR_A_SUFFIX}.weight"] == (MLP, 32)
+    assert shapes[f"blk.0.ffn_down{LR_B_SUFFIX}.weight"] == (32, HIDDEN)
+    assert shapes[f"blk.1.attn_k{LR_B_SUFFIX}.weight"] == (32, HIDDEN // 2)
+    assert "blk.0.attn_q.weight" not in shapes
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["basel.layout"].contents() == "factorized"
+    assert fields["basel.method"].contents() == "svd"
+    assert fields["basel.rank_max"].contents() == 32
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(fields["tokenizer.ggml.merges"].data) > 0
+    assert read_summary(tmp_path / "m.gguf").factorized
+
+
+def test_dense_layout_is_a_standard_llama_gguf(tiny_rank32, tmp_path):
+    export_gguf(tiny_rank32, tmp_path / "d.gguf", layout="dense", progress=False)
+    shapes = _tensors(tmp_path / "d.gguf")
+    assert not any(is_lowrank_tensor(name) for name in shapes)
+    assert shapes["blk.0.attn_q.weight"] == (HIDDEN, HIDDEN)
+    assert shapes["blk.1.ffn_down.weight"] == (MLP, HIDDEN)
+    summary = read_summary(tmp_path / "d.gguf")
+    assert not summary.factorized and summary.layout == "dense"
+
+
+def test_rank_is_zero_padded_to_q8_0_blocks(tiny, tmp_path):
+    src = _factorize(tiny, tmp_path / "r20", {"*": 20})
+    export_gguf(src, tmp_path / "p.gguf", progress=False)
+    assert _tensors(tmp_path / "p.gguf")[f"blk.0.attn_q{LR_B_SUFFIX}.weight"] == (32, HIDDEN)
+
+
+def test_truncated_gguf_gives_a_clear_error(tiny_rank32, tmp_path):
+    full = tmp_path / "m.gguf"
+    export_gguf(tiny_rank32, full, progress=False)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated"):
+        read_summary(cut)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(full.read_bytes()[:100])
+    with pytest.raises(UserError, match="not a complete GGUF"):
+        read_summary(header_only)
+
+
+def test_bad_input_is_one_line_error_and_leaves_no_file(tiny, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    assert main(["export", "--target", "gguf", str(tiny), "-o", str(out), "--weights", "q4_k"]) == 2
+    assert main(["export", "--target", "gguf", str(tiny), "-o", str(out), "--layout", "factorized"]) == 2
+    err = capsys.readouterr().err
+    assert "q4_k" in err and "dense model" in err
+    # hidden 48 is not a whole number of Q8_0 blocks: the export fails part-way and must leave nothing behind
+    odd = make_tiny_llama(tmp_path / "odd", hidden=48, intermediate=96)
+    with pytest.raises(UserError, match="multiple of 32"):
+        export_gguf(odd, out, progress=False)
+    assert list(tmp_path.glob("*.gguf*")) == []
+
+
+def test_cli_export_and_overwrite(tiny_rank32, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--target", "gguf", str(tiny_rank32), "-o", str(out), "--quiet"]) == 0
+    assert out.is_file()
+    assert main(["export", "--target", "gguf", str(tiny_rank32), "-o", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@needs_llama_cpp
+def test_full_rank_factorized_f32_matches_dense_f32(tiny_full_rank, tmp_path):
+    """The patched graph is right: full-rank factors give the dense model's logits (and torch's)."""
+    ids = _text_ids(tiny_full_rank, 200)
+    export_gguf(tiny_full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", progress=False)
+    export_gguf(tiny_full_rank, tmp_path / "d.gguf", weights="f32", layout="dense", progress=False)
+    factorized = _llama_logits(tmp_path / "f.gguf", ids)
+    dense = _llama_logits(tmp_path / "d.gguf", ids)
+    assert np.abs(factorized - dense).max() < 1e-3
+    assert np.abs(dense - _torch_logits(tiny_full_rank, ids)).max() < 1e-3
+
+
+@needs_llama_cpp
+def test_q8_0_factorized_top1_agrees_with_torch(tiny_rank32, tmp_path):
+    ids = _text_ids(tiny_rank32, 300)
+    export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
+    agreement = (_llama_logits(tmp_path / "q.gguf", ids).argmax(-1) == _torch_logits(tiny_rank32, ids).argmax(-1))
+    assert agreement.mean() >= 0.98
+
+
+@needs_llama_cpp
+def test_tokenizer_round_trips_like_hf(tiny, tmp_path):
+    import llama_cpp
+
+    export_gguf(tiny, tmp_path / "d.gguf", progress=False)
+    hf = load_tokenizer(tiny)
+    llm = llama_cpp.Llama(str(tmp_path / "d.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in UNICODE_AND_SPECIALS:
+            ids = hf(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids), text
+    finally:
+        llm.close()
+
+
+@needs_llama_cpp
+def test_generate_and_info(tiny_rank32, tmp_path):
+    from runtimes import open_runtime
+
+    export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
+    runtime = open_runtime("llama_cpp", tmp_path / "q.gguf", threads=1)
+    try:
+        gen = runtime.generate(_text_ids(tiny_rank32, 16), 8)
+        info = runtime.info()
+    finally:
+        runtime.close()
+    assert len(gen.token_ids) == 8 and gen.prefill_seconds > 0 and gen.decode_seconds > 0
+    assert info["lowrank_patch"] and info["bytes"] == (tmp_path / "q.gguf").stat().st_size
