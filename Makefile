@@ -7,12 +7,18 @@ OUT ?= out
 
 .PHONY: setup demo test test-fast bench-baselines clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.llama-cpp
 
 $(VENV)/.installed: pyproject.toml requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-embedded.txt
+	touch $@
+
+# The low-rank llama.cpp (tools in the cache + patched llama-cpp-python); cached by pin and patch hash, so a
+# rerun is quick. LLAMA_CPP_CUDA=1 builds the CUDA backend on a GPU machine.
+$(VENV)/.llama-cpp: $(VENV)/.installed runtimes/llama_cpp/lowrank.patch runtimes/llama_cpp/build.py
+	$(PY) -m runtimes.llama_cpp.build $(if $(LLAMA_CPP_CUDA),--cuda)
 	touch $@
 
 demo: setup
