@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from basel_edge.checkpoint import load_model, save_factorized
 from basel_edge.cli import main
@@ -16,10 +17,13 @@ from basel_edge.errors import UserError
 from basel_edge.models import load_tokenizer
 from basel_edge.ranks import Budget
 from exporters.gguf import export_gguf
-from exporters.gguf_format import LR_A_SUFFIX, LR_B_SUFFIX, is_lowrank_tensor, read_summary
+from exporters.gguf_format import (
+    LR_A_SUFFIX,
+    LR_B_SUFFIX,
+    is_lowrank_tensor,
+    read_summary,
+)
 from runtimes.llama_cpp import patched_binding_installed
-
-from conftest import make_tiny_llama
 
 needs_llama_cpp = pytest.mark.skipif(
     not patched_binding_installed(),

@@ -15,7 +15,6 @@ import numpy as np
 from exporters.gguf_format import read_summary
 
 from .. import Generation, Runtime, Unavailable, register
-from .build import PIN, build_key, installed_key
 
 DEFAULT_CONTEXT = 2048
 BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
@@ -27,6 +26,9 @@ def _peak_rss() -> int:
 
 def patched_binding_installed() -> bool:
     """Whether this environment's llama-cpp-python is the patched build of this checkout's patch."""
+    # imported here so that `python -m runtimes.llama_cpp.build` does not import its own module twice
+    from .build import build_key, installed_key
+
     return installed_key() in (build_key(cuda=False), build_key(cuda=True))
 
 
@@ -55,6 +57,8 @@ class LlamaCppRuntime(Runtime):
         if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
             raise Unavailable(f"this llama-cpp-python has no GPU backend; run `{BUILD_COMMAND} --cuda` on a GPU machine")
         if summary.factorized and not patched_binding_installed():
+            from .build import PIN
+
             raise Unavailable(
                 f"{path} is a factorized GGUF ({summary.lowrank_tensor_count} _lr_a/_lr_b tensors): it needs the "
                 f"low-rank llama.cpp build of llama-cpp-python {PIN}; run `{BUILD_COMMAND}`"

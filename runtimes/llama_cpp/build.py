@@ -70,7 +70,7 @@ def tools_built(cuda: bool = False) -> bool:
 
 def _run(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
     print("+", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env, cwd=cwd)
+    result = subprocess.run(cmd, env=env, cwd=cwd, check=False)
     if result.returncode != 0:
         raise UserError(f"build step failed with status {result.returncode}: {' '.join(cmd)}")
 

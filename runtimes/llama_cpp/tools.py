@@ -24,7 +24,7 @@ def tool(name: str, cuda: bool = False) -> Path:
 
 
 def _run(cmd: list[str], timeout: float | None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{Path(cmd[0]).name} failed ({result.returncode}): {' | '.join(tail)}")

@@ -1,0 +1,74 @@
+"""Slow GGUF tests on SmolLM2-135M: factorized (keep 0.5) and dense Q8_0 files generate text in llama.cpp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from basel_edge.checkpoint import save_factorized
+from basel_edge.compress import Budget, compress
+from basel_edge.data import load_task, pack
+from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model
+from exporters.gguf import export_gguf
+from exporters.gguf_format import read_summary
+from runtimes.llama_cpp import patched_binding_installed
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not patched_binding_installed(),
+                       reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build`"),
+]
+PROMPT = "def fibonacci(n):"
+TOKENIZER_STRINGS = [
+    "<|im_start|>user\nWrite a function ü → ∑ 日本<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x: int) -> int:\n\treturn x * 1234  # émoji 🙂",
+    "  two  spaces, trailing space \n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_files(tmp_path_factory):
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("smollm2-gguf")
+    path = resolve_model(DEFAULT_MODEL).path
+    tok = load_tokenizer(path)
+    model = load_dense(path)
+    calib = pack(load_task("python-code").train, tok, seq_len=256, max_tokens=2048)
+    compress(model, "svd-llm", Budget(keep=0.5), calib, progress=False)
+    save_factorized(model, work / "half", path, method="svd-llm", task="python-code")
+    export_gguf(work / "half", work / "half-q8_0.gguf", progress=False)
+    export_gguf(DEFAULT_MODEL, work / "dense-q8_0.gguf", progress=False)
+    return path, work / "half-q8_0.gguf", work / "dense-q8_0.gguf"
+
+
+@pytest.mark.parametrize("which", ["factorized", "dense"])
+def test_q8_0_generates_text(smollm2_files, which):
+    from runtimes import open_runtime
+
+    path, factorized, dense = smollm2_files
+    gguf_file = factorized if which == "factorized" else dense
+    assert read_summary(gguf_file).factorized == (which == "factorized")
+    tok = load_tokenizer(path)
+    runtime = open_runtime("llama_cpp", gguf_file, threads=2)
+    try:
+        gen = runtime.generate(tok(PROMPT)["input_ids"], 24)
+    finally:
+        runtime.close()
+    text = tok.decode(gen.token_ids, skip_special_tokens=True)
+    assert len(gen.token_ids) == 24 and text.strip(), f"{which}: empty continuation"
+    assert gen.decode_tokens_per_second > 0
+
+
+def test_smollm2_tokenizer_round_trips_like_hf(smollm2_files):
+    import llama_cpp
+
+    path, _, dense = smollm2_files
+    hf = load_tokenizer(path)
+    llm = llama_cpp.Llama(str(dense), vocab_only=True, verbose=False)
+    try:
+        for text in TOKENIZER_STRINGS:
+            ids = hf(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids), text
+    finally:
+        llm.close()
