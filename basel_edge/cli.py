@@ -221,6 +221,53 @@ def _add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from eval.harness import ValidateConfig, run_validation
+
+    cfg = ValidateConfig(
+        baseline=args.baseline,
+        artifacts=args.artifacts,
+        out=args.output,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        task=args.task if args.task or args.data else "python-code",
+        data=str(args.data) if args.data else None,
+        threads=args.threads,
+        seq_len=args.seq_len,
+        eval_tokens=args.eval_tokens,
+        new_tokens=args.new_tokens,
+        reps=args.reps,
+        compare_to=args.compare_to,
+    )
+    report = run_validation(cfg, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print((Path(args.output) / "report.md").read_text())
+        failed = sum(r["status"] == "failed" for r in report["rows"])
+        print(f"basel-edge: report in {args.output} (report.json, report.md, PNG plots); {failed} failed row(s)")
+    return 0
+
+
+def _add_validate_parser(sub) -> None:
+    p = sub.add_parser("validate", help="measure artifacts on backends against the dense baseline")
+    p.add_argument("artifacts", nargs="+", help="model folder, ONNX folder, .pte or .gguf (PATH@SOURCE names the same-weights torch checkpoint)")
+    p.add_argument("--baseline", required=True, help="dense HF model folder")
+    p.add_argument("--backends", default="cpu", help="comma-separated: cpu, mobile, cuda")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", help="built-in task (default python-code)")
+    src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets folder")
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--eval-tokens", type=_positive_int, default=8192, help="held-out tokens scored for perplexity")
+    p.add_argument("--new-tokens", type=_positive_int, default=32)
+    p.add_argument("--reps", type=_positive_int, default=3)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--compare-to", type=Path, help="an earlier report.json; flags regressions over 5%%")
+    p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
     from .compress.basel_cli import add_finetune_parser, add_train_arguments
@@ -280,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub, _add_data_args)
     _add_export_parser(sub)
+    _add_validate_parser(sub)
     return parser
 
 
