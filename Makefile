@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BE := $(VENV)/bin/basel-edge
 OUT ?= out
 
-.PHONY: setup demo test test-fast bench-baselines clean
+.PHONY: setup demo demo-quick test test-fast bench-baselines clean
 
 setup: $(VENV)/.installed $(VENV)/.llama-cpp
 
@@ -22,11 +22,10 @@ $(VENV)/.llama-cpp: $(VENV)/.installed runtimes/llama_cpp/lowrank.patch runtimes
 	touch $@
 
 demo: setup
-	$(BE) compress --model smollm2-135m --task python-code --method svd-llm --keep 0.5 \
-		-o $(OUT)/smollm2-135m-svd-llm-0.5 --overwrite
-	$(BE) info $(OUT)/smollm2-135m-svd-llm-0.5
-	$(BE) eval-ppl smollm2-135m --task python-code --max-tokens 16384
-	$(BE) eval-ppl $(OUT)/smollm2-135m-svd-llm-0.5 --task python-code --max-tokens 16384
+	$(BE) demo -o $(OUT)/demo
+
+demo-quick: setup
+	$(BE) demo --quick -o $(OUT)/demo-quick
 
 test: setup
 	$(PY) -m pytest

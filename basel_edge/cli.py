@@ -248,6 +248,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from eval.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.output, quick=args.quick, keep=args.keep, threads=args.threads, method=args.method))
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="compress, export and validate the embedded SmolLM2 end to end")
+    p.add_argument("--quick", action="store_true", help="small budgets: a first look in a few minutes")
+    p.add_argument("--keep", type=_keep, default=0.5)
+    p.add_argument("--method", help="compression method (default: basel if installed, else svd-llm; svd-llm with --quick)")
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("-o", "--output", type=Path, default=Path("out/demo"))
+    p.set_defaults(func=cmd_demo)
+
+
 def _add_validate_parser(sub) -> None:
     p = sub.add_parser("validate", help="measure artifacts on backends against the dense baseline")
     p.add_argument("artifacts", nargs="+", help="model folder, ONNX folder, .pte or .gguf (PATH@SOURCE names the same-weights torch checkpoint)")
@@ -328,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub, _add_data_args)
     _add_export_parser(sub)
     _add_validate_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

@@ -117,6 +117,28 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return a.to(weight.dtype), b.to(weight.dtype)
 
 
+@torch.no_grad()
+def balance_factors_(model: nn.Module) -> int:
+    """Rescale each LowRankLinear's rank dimension so row i of `a` and column i of `b` have equal norms.
+
+    B·A is unchanged (b·D · D⁻¹·a), but the intermediate activation a·x no longer carries the singular values
+    alone (first components ~σ₁, last ~σ_r). int8 kernels that quantize that activation per block (onnxruntime
+    MatMulNBits accuracy_level 4, llama.cpp Q8_0) lose its small components otherwise. Returns the layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            a_norm = module.a.weight.double().norm(dim=1)
+            b_norm = module.b.weight.double().norm(dim=0)
+            live = (a_norm > 0) & (b_norm > 0)
+            d = torch.ones_like(a_norm)
+            d[live] = (a_norm[live] / b_norm[live]).sqrt()
+            module.a.weight.div_(d[:, None].to(module.a.weight.dtype))
+            module.b.weight.mul_(d[None, :].to(module.b.weight.dtype))
+            count += 1
+    return count
+
+
 def merge_to_dense_(model: nn.Module) -> nn.Module:
     """Replace every LowRankLinear in `model` by an nn.Linear with weight B·A (in place)."""
     for name, module in list(model.named_modules()):

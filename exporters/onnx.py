@@ -33,7 +33,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
-from basel_edge.lowrank import LowRankLinear
+from basel_edge.lowrank import LowRankLinear, balance_factors_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
@@ -332,6 +332,8 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, config: OnnxExportC
     factorized = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     tokenizer = load_tokenizer(ref.path)
     untie_embeddings_(model)
+    if config.weights == "int8":
+        balance_factors_(model)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         log(f"basel-edge: exporting {ref.path} to ONNX (opset {config.opset}, {'factorized' if factorized else 'dense'})")
         proto = export_fp32(model, config.opset)

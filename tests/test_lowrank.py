@@ -64,3 +64,16 @@ def test_merge_replaces_low_rank_layers_with_their_product():
     assert isinstance(model[0], torch.nn.Linear)
     torch.testing.assert_close(model[0].weight, b @ a)
     torch.testing.assert_close(model(x), before)
+
+
+def test_balancing_keeps_the_product_and_equalises_norms():
+    from basel_edge.lowrank import balance_factors_
+
+    torch.manual_seed(3)
+    s = torch.logspace(2, -2, 6)
+    layer = low_rank_from_factors(s[:, None] * torch.randn(6, 10), torch.linalg.qr(torch.randn(8, 6))[0])
+    before = layer.merged_weight().clone()
+    model = torch.nn.Sequential(layer)
+    assert balance_factors_(model) == 1
+    torch.testing.assert_close(layer.merged_weight(), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.a.weight.norm(dim=1), layer.b.weight.norm(dim=0), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,110 @@
+"""`basel-edge demo`: the whole pipeline on the embedded SmolLM2-135M, offline.
+
+compress for python-code at keep 0.5 (Basel when it is installed, SVD-LLM otherwise) → export to every
+available target with int8 weights → validate everything against the dense model on cpu and mobile (and cuda
+when there is a GPU) → print where the report is. `--quick` uses small budgets for a first look.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from basel_edge.errors import UserError
+
+INT8_WEIGHTS = {"onnx": "int8", "gguf": "q8_0", "executorch": "int8"}
+FILE_TARGETS = {"gguf": ".gguf"}
+
+
+@dataclass
+class DemoConfig:
+    """Budgets of the demo; `quick` trades accuracy of the numbers for a run of a few minutes."""
+
+    out: Path
+    quick: bool = False
+    keep: float = 0.5
+    threads: int = 2
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise UserError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.threads <= 0:
+            raise UserError(f"--threads must be positive, got {self.threads}")
+
+    def chosen_method(self) -> str:
+        from basel_edge.compress import METHODS
+
+        if self.method:
+            return self.method
+        return "svd-llm" if self.quick or "basel" not in METHODS else "basel"
+
+    def compress_args(self) -> list[str]:
+        method = self.chosen_method()
+        args = ["--method", method, "--keep", str(self.keep), "--threads", str(self.threads)]
+        if method in ("basel", "bsi"):
+            args += ["--steps", "40" if self.quick else "120"]
+        else:
+            args += ["--calib-tokens", "2048" if self.quick else "16384"]
+        return args
+
+    def validate_args(self) -> list[str]:
+        if self.quick:
+            return ["--eval-tokens", "1024", "--new-tokens", "16", "--reps", "1"]
+        return ["--eval-tokens", "8192", "--new-tokens", "32", "--reps", "3"]
+
+
+def _phase(index: int, total: int, text: str) -> float:
+    print(f"\n== basel-edge demo [{index}/{total}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every phase; returns the report folder."""
+    import exporters
+    from basel_edge.cli import main
+    from basel_edge.models import DEFAULT_MODEL, resolve_model
+
+    start = time.perf_counter()
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    t = _phase(1, 4, "materialise the embedded SmolLM2-135M-Instruct")
+    dense = resolve_model(DEFAULT_MODEL).path
+    print(f"dense model: {dense} ({time.perf_counter() - t:.0f} s)")
+
+    fact = out / f"smollm2-135m-{cfg.chosen_method()}-{cfg.keep}"
+    t = _phase(2, 4, f"compress for python-code with {cfg.chosen_method()} at keep {cfg.keep}")
+    code = main(["compress", "--model", DEFAULT_MODEL, "--task", "python-code", *cfg.compress_args(), "-o", str(fact), "--overwrite"])
+    if code != 0:
+        raise UserError("compression failed; see the message above")
+    print(f"compressed in {time.perf_counter() - t:.0f} s")
+
+    t = _phase(3, 4, "export to every available target with int8 weights")
+    artifacts = [str(fact)]
+    for target in sorted(exporters.TARGET_MODULES):
+        try:
+            exporters.get_exporter(target)
+        except UserError as exc:
+            print(f"skip {target}: {exc}")
+            continue
+        dest = out / f"{fact.name}{FILE_TARGETS.get(target, '-' + target)}"
+        weights = INT8_WEIGHTS.get(target, "int8")
+        code = main(["export", "--target", target, str(fact), "-o", str(dest), "--weights", weights, "--overwrite"])
+        if code == 0:
+            artifacts.append(f"{dest}@{fact}")
+        else:
+            print(f"export to {target} failed (exit {code}); it is left out of the report")
+    print(f"exported in {time.perf_counter() - t:.0f} s")
+
+    t = _phase(4, 4, "validate against the dense model")
+    backends = ["cpu", "mobile"] + (["cuda"] if torch.cuda.is_available() else [])
+    report = out / "report"
+    main(["validate", "--baseline", str(dense), *artifacts, "--backends", ",".join(backends),
+          "--threads", str(cfg.threads), *cfg.validate_args(), "-o", str(report)])
+    if not torch.cuda.is_available():
+        print("cuda backend: skipped (no CUDA GPU on this machine)")
+    print(f"\nbasel-edge demo finished in {(time.perf_counter() - start) / 60:.1f} min; report: {report}/report.md")
+    return report
