@@ -24,6 +24,7 @@ from . import Exporter, register
 from .gguf_format import (
     ARCH,
     FORMAT_VERSION,
+    FUSED_FIRST_FACTORS,
     KEY_FACTORIZED_LINEARS,
     KEY_FORMAT_VERSION,
     KEY_LAYOUT,
@@ -123,10 +124,10 @@ class _Config:
 class _Converter:
     """Turns a loaded (dense or LowRankLinear) model's tensors into GGUF tensors."""
 
-    def __init__(self, cfg: _Config, weights: str, layout: str) -> None:
+    def __init__(self, cfg: _Config, weights: str, layout: str, fuse: bool = True) -> None:
         import gguf
 
-        self.cfg, self.weights, self.layout = cfg, weights, layout
+        self.cfg, self.weights, self.layout, self.fuse = cfg, weights, layout, fuse
         self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
         self.ranks: list[int] = []
 
@@ -164,6 +165,7 @@ class _Converter:
         if self.cfg.tied:
             state.pop("lm_head.weight", None)
         handled: set[str] = set()
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # gguf base name -> (a, b), in model order
         for module_name, module in lowrank.items():
             base = self.gguf_name(module_name + ".weight").removesuffix(".weight")
             if base.split(".")[-1] not in LOWRANK_PROJECTIONS:
@@ -178,13 +180,12 @@ class _Converter:
                 if self.weights == "q8_0":
                     a, b = pad_rank(a, b, Q8_0_BLOCK)
                 self.ranks.append(module.rank)
-                name_a, name_b = lowrank_names(base)
-                yield name_a, a, True
-                yield name_b, b, True
+                factors[base] = (a, b)
             bias = module.b.bias
             if bias is not None:
                 yield base + ".bias", rope_permute(bias.detach(), heads) if heads else bias.detach(), False
             handled.update(f"{module_name}.{p}" for p in ("a.weight", "b.weight", "b.bias"))
+        yield from self._factor_tensors(factors)
         for hf_name, tensor in state.items():
             if hf_name in handled:
                 continue
@@ -193,6 +194,24 @@ class _Converter:
             if heads:
                 tensor = rope_permute(tensor, heads)
             yield self.gguf_name(hf_name), tensor, hf_name.endswith(".weight") and tensor.dim() == 2
+
+
+    def _factor_tensors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """`_lr_a`/`_lr_b` tensors; first factors of a whole FUSED_FIRST_FACTORS group are concatenated."""
+        fused: set[str] = set()
+        if self.fuse:
+            for base in list(factors):
+                block, proj = base.rsplit(".", 1)
+                for group, members in FUSED_FIRST_FACTORS.items():
+                    names = [f"{block}.{m}" for m in members]
+                    if proj == members[0] and all(n in factors for n in names):
+                        yield lowrank_names(f"{block}.{group}")[0], torch.cat([factors[n][0] for n in names]), True
+                        fused.update(names)
+        for base, (a, b) in factors.items():
+            name_a, name_b = lowrank_names(base)
+            if base not in fused:
+                yield name_a, a, True
+            yield name_b, b, True
 
 
 def _basel_metadata(writer, model_dir: Path, layout: str, ranks: list[int]) -> None:
@@ -224,6 +243,7 @@ def export_gguf(
     layout: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    fuse: bool = True,
 ) -> dict:
     """Write `model_spec` (dense or factorized checkpoint) as a llama GGUF at `output`; return a summary."""
     import gguf
@@ -247,7 +267,7 @@ def export_gguf(
         raise UserError(f"output {output} is a directory; give a .gguf file path")
     cfg = _Config(json.loads((ref.path / "config.json").read_text()), ref.path)
     model = load_model(ref.path)
-    converter = _Converter(cfg, weights, layout)
+    converter = _Converter(cfg, weights, layout, fuse)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
@@ -290,18 +310,21 @@ def export_gguf(
 @register
 class GGUFExporter(Exporter):
     name = "gguf"
-    description = "llama.cpp GGUF (llama architecture); factorized layers need the patched llama.cpp"
+    description = "llama.cpp GGUF, --weights q8_0 (default) | f16 | f32; factorized layers need the patched llama.cpp"
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--layout", choices=LAYOUTS, default=None,
                            help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
                                 "back, a standard llama GGUF (default: factorized for a factorized checkpoint)")
+        group.add_argument("--no-fuse", action="store_true",
+                           help="factorized layout: one _lr_a per projection instead of one for q/k/v and one for "
+                                "gate/up (the unfused form, for comparison)")
 
     def export(self, args: argparse.Namespace) -> int:
         summary = export_gguf(
             args.model, args.output, weights=args.weights or DEFAULT_WEIGHTS, layout=getattr(args, "layout", None),
-            overwrite=args.overwrite, progress=not args.quiet,
+            overwrite=args.overwrite, progress=not args.quiet, fuse=not getattr(args, "no_fuse", False),
         )
         if args.json:
             print(json.dumps(summary, indent=2))

@@ -1,7 +1,8 @@
 """The basel-edge GGUF contract (DESIGN.md section 6), defined once: tensor suffixes, `basel.*` keys, detection.
 
 A factorized projection `blk.N.<proj>` is stored as `blk.N.<proj>_lr_a.weight` (ggml shape {n_in, r}, applied
-first) and `blk.N.<proj>_lr_b.weight` ({r, n_out}); everything else uses llama.cpp's standard llama names.
+first) and `blk.N.<proj>_lr_b.weight` ({r, n_out}), or with its first factor inside a fused `_lr_a` (see
+FUSED_FIRST_FACTORS); everything else uses llama.cpp's standard llama names.
 Both the exporter and the llama.cpp runtime read these names from here.
 """
 
@@ -17,6 +18,10 @@ LR_A_SUFFIX = "_lr_a"
 LR_B_SUFFIX = "_lr_b"
 # the llama projections that may be factorized, by their GGUF base name
 LOWRANK_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# projections that read the same input: when all are factorized, their first factors are stored concatenated
+# (in this order) as one `blk.N.<fused>_lr_a.weight` {n_in, sum of ranks}, so llama.cpp runs one matmul for
+# them; each keeps its own `_lr_b`. Files without fused tensors load the same way.
+FUSED_FIRST_FACTORS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 FORMAT_VERSION = 1
 KEY_FORMAT_VERSION = "basel.format_version"

@@ -101,6 +101,10 @@ def test_factorized_layout_names_shapes_and_metadata(tiny_rank32, tmp_path):
     assert shapes[f"blk.0.ffn_down{LR_B_SUFFIX}.weight"] == (32, HIDDEN)
     assert shapes[f"blk.1.attn_k{LR_B_SUFFIX}.weight"] == (32, HIDDEN // 2)
     assert "blk.0.attn_q.weight" not in shapes
+    # q/k/v and gate/up first factors fused into one matmul each
+    assert shapes[f"blk.0.attn_qkv{LR_A_SUFFIX}.weight"] == (HIDDEN, 3 * 32)
+    assert shapes[f"blk.1.ffn_gate_up{LR_A_SUFFIX}.weight"] == (HIDDEN, 2 * 32)
+    assert f"blk.0.attn_q{LR_A_SUFFIX}.weight" not in shapes
     fields = GGUFReader(tmp_path / "m.gguf").fields
     assert fields["basel.layout"].contents() == "factorized"
     assert fields["basel.method"].contents() == "svd"
@@ -161,11 +165,19 @@ def test_cli_export_and_overwrite(tiny_rank32, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_unfused_layout_has_one_first_factor_per_projection(tiny_rank32, tmp_path):
+    export_gguf(tiny_rank32, tmp_path / "u.gguf", fuse=False, progress=False)
+    shapes = _tensors(tmp_path / "u.gguf")
+    assert shapes[f"blk.0.attn_q{LR_A_SUFFIX}.weight"] == (HIDDEN, 32)
+    assert not any("qkv" in name or "gate_up" in name for name in shapes)
+
+
 @needs_llama_cpp
-def test_full_rank_factorized_f32_matches_dense_f32(tiny_full_rank, tmp_path):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_full_rank_factorized_f32_matches_dense_f32(tiny_full_rank, tmp_path, fuse):
     """The patched graph is right: full-rank factors give the dense model's logits (and torch's)."""
     ids = _text_ids(tiny_full_rank, 200)
-    export_gguf(tiny_full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", progress=False)
+    export_gguf(tiny_full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", fuse=fuse, progress=False)
     export_gguf(tiny_full_rank, tmp_path / "d.gguf", weights="f32", layout="dense", progress=False)
     factorized = _llama_logits(tmp_path / "f.gguf", ids)
     dense = _llama_logits(tmp_path / "d.gguf", ids)
