@@ -222,3 +222,14 @@ def test_generate_and_info(tiny_rank32, tmp_path):
         runtime.close()
     assert len(gen.token_ids) == 8 and gen.prefill_seconds > 0 and gen.decode_seconds > 0
     assert info["lowrank_patch"] and info["bytes"] == (tmp_path / "q.gguf").stat().st_size
+
+
+def test_factorized_file_on_a_stock_binding_says_which_build_it_needs(tiny_rank32, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from runtimes import Unavailable, open_runtime
+    from runtimes.llama_cpp import build
+
+    export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
+    monkeypatch.setattr(build, "installed_key", lambda: None)  # as if a stock llama-cpp-python were installed
+    with pytest.raises(Unavailable, match="low-rank llama.cpp build"):
+        open_runtime("llama_cpp", tmp_path / "q.gguf")
