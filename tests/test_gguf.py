@@ -233,3 +233,11 @@ def test_factorized_file_on_a_stock_binding_says_which_build_it_needs(tiny_rank3
     monkeypatch.setattr(build, "installed_key", lambda: None)  # as if a stock llama-cpp-python were installed
     with pytest.raises(Unavailable, match="low-rank llama.cpp build"):
         open_runtime("llama_cpp", tmp_path / "q.gguf")
+
+
+@needs_llama_cpp
+def test_untied_dense_f32_matches_torch(tiny_llama_untied, tmp_path):
+    ids = _text_ids(tiny_llama_untied, 120)
+    export_gguf(tiny_llama_untied, tmp_path / "u.gguf", weights="f32", progress=False)
+    assert "output.weight" in _tensors(tmp_path / "u.gguf")
+    assert np.abs(_llama_logits(tmp_path / "u.gguf", ids) - _torch_logits(tiny_llama_untied, ids)).max() < 1e-3

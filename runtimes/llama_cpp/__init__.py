@@ -16,7 +16,7 @@ from exporters.gguf_format import read_summary
 
 from .. import Generation, Runtime, Unavailable, register
 
-DEFAULT_CONTEXT = 2048
+DEFAULT_CONTEXT = 1024  # with logits for every position: n_ctx x vocab floats (200 MB for SmolLM2)
 BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
 
 
