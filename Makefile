@@ -11,7 +11,7 @@ setup: $(VENV)/.installed $(VENV)/.llama-cpp
 
 $(VENV)/.installed: pyproject.toml requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx,executorch]'
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-embedded.txt
 	touch $@
 

@@ -57,3 +57,4 @@ def get_exporter(name: str) -> type[Exporter]:
 
 declare("onnx", "exporters.onnx")
 declare("gguf", "exporters.gguf")
+declare("executorch", "exporters.executorch")

@@ -90,3 +90,4 @@ def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", th
 declare("torch", "runtimes.torch_eager")
 declare("onnxruntime", "runtimes.onnxruntime")
 declare("llama_cpp", "runtimes.llama_cpp")
+declare("executorch", "runtimes.executorch")

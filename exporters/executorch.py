@@ -1,0 +1,395 @@
+"""ExecuTorch target: a `.pte` decoder with a static KV cache, lowered to XNNPACK, validated on the runtime.
+
+Built from ExecuTorch's own pieces rather than transformers' static-cache export, which fragments the graph
+(DESIGN.md section 7): the HF model runs with an attention function that writes the new keys and values into
+per-layer cache buffers with `llama::update_cache` and attends with `llama::custom_sdpa`
+(`executorch.extension.llm.custom_ops`), so the cache is a mutable buffer of the program and the runner
+passes only `(tokens [1, T], input_pos [1])`, the signature of ExecuTorch's llama runner. Then
+`torch.export` → `to_edge_transform_and_lower` (XNNPACK partitioner) → `to_executorch` with quant fusion, as
+`executorch.extension.llm.export.builder` does.
+
+int8 (the default) is torchao's 8-bit dynamic activations + int8 per-channel weights ("8da8w") on every
+linear factor and the untied lm_head, and int8 per-row weights for the embedding (fused to
+`quantized_decomposed::embedding_byte`): DESIGN.md section 5; weight-only int8 lowers silently wrong in this
+version, which the logits check after export would catch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from basel_edge.atomic import atomic_output_dir
+from basel_edge.checkpoint import DIMENSION_FILE, load_model
+from basel_edge.errors import UserError
+from basel_edge.lowrank import LowRankLinear, balance_factors_
+from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
+
+from . import Exporter, register
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
+
+PTE_FILE = "model.pte"
+EXPORT_INFO_FILE = "basel-export.json"
+WEIGHT_FORMATS = ("int8", "fp32")
+ATTENTION_NAME = "basel_executorch_sdpa"
+LINEAR_OPS = ("aten.linear.default", "aten.mm.default", "aten.addmm.default")
+
+
+@dataclass
+class ExecutorchExportConfig:
+    """Options of the ExecuTorch export; validated on creation."""
+
+    weights: str = "int8"
+    max_seq_len: int = 1024
+    atol: float = 1e-3
+    rtol: float = 1e-4
+    min_agreement: float = 0.95
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise UserError(f"--weights {self.weights!r} is not an ExecuTorch weight format; choose {', '.join(WEIGHT_FORMATS)}")
+        if not 16 <= self.max_seq_len <= 32768:
+            raise UserError(f"--max-seq-len must be in 16..32768, got {self.max_seq_len}")
+        if not 0.0 < self.min_agreement <= 1.0:
+            raise UserError(f"minimum top-1 agreement must be in (0, 1], got {self.min_agreement}")
+
+    def scheme(self) -> dict:
+        """What is written into the export's metadata."""
+        if self.weights == "fp32":
+            return {"weights": "fp32", "backend": "XNNPACK"}
+        return {
+            "weights": "int8",
+            "backend": "XNNPACK",
+            "linear": "torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int8, weight_granularity=PerAxis(0)) (8da8w)",
+            "embedding": "torchao IntxWeightOnlyConfig(int8, PerAxis(0)) -> quantized_decomposed::embedding_byte",
+            "lm_head": "untied from the embedding, 8da8w",
+            "activations": "float32, quantized per token to int8 inside each linear",
+            "why": "bit-exact vs eager on a tiny model; weight-only int8 lowers silently wrong (DESIGN.md section 5)",
+        }
+
+
+def _executorch_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, et_cache=None, et_start=None, **kwargs):
+    """HF attention function: update this layer's static cache and attend with ExecuTorch's custom SDPA.
+
+    query/key/value arrive as [B, heads, T, D]; the custom ops work on [B, T, heads, D] and handle GQA.
+    """
+    k_cache, v_cache = et_cache[module.layer_idx]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    torch.ops.llama.update_cache(k, k_cache, et_start)
+    torch.ops.llama.update_cache(v, v_cache, et_start)
+    return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, et_start, None, 0.0, True, scaling), None
+
+
+def register_attention() -> None:
+    """Make the attention function known to transformers (mask creation is skipped for unknown mask kinds)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _executorch_attention)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class StaticCacheDecoder(nn.Module):
+    """`forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]` with the KV cache as program buffers."""
+
+    def __init__(self, model: nn.Module, max_seq_len: int) -> None:
+        super().__init__()
+        register_attention()
+        self.model = model
+        self.max_seq_len = max_seq_len
+        config = model.config
+        self.layers = config.num_hidden_layers
+        shape = (1, max_seq_len, config.num_key_value_heads, head_dim(config))
+        for i in range(self.layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        model.config._attn_implementation = ATTENTION_NAME
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start < self.max_seq_len)
+        positions = (torch.arange(tokens.shape[1]) + input_pos[0])[None]
+        cache = [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(self.layers)]
+        return self.model(input_ids=tokens, position_ids=positions, use_cache=False, et_cache=cache, et_start=start).logits
+
+
+def untie_embeddings_(model: nn.Module) -> None:
+    """Give lm_head its own weight: the embedding and lm_head are quantized by different schemes."""
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight is emb.weight:
+        out.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+def quantize_int8_(model: nn.Module) -> None:
+    """8da8w on every linear (factors, dense projections, lm_head), int8 per row on the embedding."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    untie_embeddings_(model)
+    balance_factors_(model)
+    quantize_(
+        model,
+        IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+        lambda module, fqn: isinstance(module, nn.Embedding),
+    )
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+
+
+def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
+    """The model ready to trace: quantized when asked, and without an embedding padding_idx.
+
+    padding_idx only matters for training, and it keeps ExecuTorch's quant fusion from matching the
+    dequantize+embedding pattern (the int8 table would then have no kernel).
+    """
+    model.get_input_embeddings().padding_idx = None
+    if config.weights == "int8":
+        quantize_int8_(model)
+    return model
+
+
+def metadata_methods(model: nn.Module, config: ExecutorchExportConfig, tokenizer) -> dict:
+    """Constant methods ExecuTorch's llama runner reads from the program."""
+    eos = model.config.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else tokenizer.bos_token_id
+    return {
+        "get_max_seq_len": config.max_seq_len,
+        "get_max_context_len": config.max_seq_len,
+        "get_vocab_size": model.config.vocab_size,
+        "get_n_layers": model.config.num_hidden_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+        "get_bos_id": int(bos if bos is not None else 0),
+        "get_eos_ids": [int(e) for e in eos_ids if e is not None],
+    }
+
+
+@dataclass
+class Timings:
+    """Seconds per export stage, to see where the time goes."""
+
+    load: float = 0.0
+    quantize: float = 0.0
+    export: float = 0.0
+    lower: float = 0.0
+    to_executorch: float = 0.0
+    validate: float = 0.0
+
+
+def export_program(decoder: StaticCacheDecoder, methods: dict, timings: Timings):
+    """torch.export → XNNPACK lowering → ExecuTorch program; returns (edge manager, executorch program)."""
+    from torch.export import Dim, export
+
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed ops for quant fusion)
+
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = export(
+            decoder,
+            (tokens, torch.tensor([0])),
+            dynamic_shapes=({1: Dim("seq_len", min=1, max=decoder.max_seq_len)}, None),
+            strict=False,
+        )
+    timings.export = time.perf_counter() - start
+    start = time.perf_counter()
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=methods,
+    )
+    edge = edge.transform([ConvertToLinearPass()])
+    timings.lower = time.perf_counter() - start
+    start = time.perf_counter()
+    executorch_program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    timings.to_executorch = time.perf_counter() - start
+    return edge, executorch_program
+
+
+def _module_path(node) -> str | None:
+    """The causal LM's module a node comes from (`model.layers.0.self_attn.q_proj.a`), without the wrapper's prefix."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path[len("model.") :] if path.startswith("model.") else path
+
+
+def delegated_linear_counts(edge) -> tuple[Counter, Counter]:
+    """Linear ops per source module inside XNNPACK delegates, and those left outside any delegate."""
+    graph_module = edge.exported_program().graph_module
+    inside, outside = Counter(), Counter()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and any(op in str(node.target) for op in LINEAR_OPS):
+            outside[_module_path(node)] += 1
+    for name, child in graph_module.named_children():
+        original = getattr(child, "original_module", None)
+        if original is None or not name.startswith("lowered_module"):
+            continue
+        for node in original.graph.nodes:
+            if node.op == "call_function" and any(op in str(node.target) for op in LINEAR_OPS):
+                inside[_module_path(node)] += 1
+    return inside, outside
+
+
+def factor_matmul_counts(inside: Counter, linears: list[str]) -> dict[str, tuple[int, int]]:
+    """For each factorized linear, how many delegated linear ops come from its `a` and its `b` module."""
+    return {name: (inside[f"{name}.a"], inside[f"{name}.b"]) for name in linears}
+
+
+def validate(out_dir: Path, reference: nn.Module, tokenizer, config: ExecutorchExportConfig, factorized: list[str], inside: Counter, outside: Counter) -> ValidationReport:
+    """Logits of the .pte on the ExecuTorch runtime vs eager torch, KV-cache decode vs recompute, op counts."""
+    from runtimes.executorch import ExecutorchRuntime
+
+    report = ValidationReport()
+    runtime = ExecutorchRuntime.open(out_dir, "cpu")
+    refs, cands = [], []
+    for prompt in VALIDATION_PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            refs.append(reference(input_ids=torch.tensor([ids])).logits[0].float().numpy())
+        cands.append(runtime.logits(ids))
+    report.add("logits shape", all(r.shape == c.shape for r, c in zip(refs, cands)), f"[T, {reference.config.vocab_size}]")
+    metrics = compare_logits(np.concatenate(refs), np.concatenate(cands))
+    report.metrics.update(metrics)
+    if config.weights == "fp32":
+        bound = config.atol + config.rtol * float(np.abs(np.concatenate(refs)).max())
+        report.add("logits vs torch (fp32)", metrics["max_abs_diff"] <= bound, f"max abs diff {metrics['max_abs_diff']:.2e} (limit {bound:.2e})")
+    else:
+        report.add(
+            "top-1 agreement vs torch (int8)",
+            metrics["top1_agreement"] >= config.min_agreement,
+            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement}), mean KL {metrics['mean_kl']:.2e}",
+        )
+    prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
+    steps = 8
+    cached = runtime.generate(prompt_ids, steps).token_ids
+    recompute, seq = [], list(prompt_ids)
+    for _ in range(steps):
+        token = int(runtime.logits(seq)[-1].argmax())
+        recompute.append(token)
+        seq.append(token)
+    report.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
+    report.add("every linear in an XNNPACK delegate", sum(outside.values()) == 0, f"{sum(inside.values())} delegated, {sum(outside.values())} outside")
+    if factorized:
+        counts = factor_matmul_counts(inside, factorized)
+        good = sum(1 for a, b in counts.values() if a == 1 and b == 1)
+        report.add("two matmuls per factorized linear (delegated)", good == len(counts), f"{good}/{len(counts)} linears")
+        report.metrics["factor_matmuls"] = {k: list(v) for k, v in counts.items()}
+    return report
+
+
+def export_executorch(model_path: str | Path, out_dir: str | Path, config: ExecutorchExportConfig, overwrite: bool = False, log=print) -> dict:
+    """Export a dense or factorized checkpoint to `out_dir`; all-or-nothing (removed if validation fails)."""
+    ref = resolve_model(model_path)
+    timings = Timings()
+    start_all = time.perf_counter()
+    start = time.perf_counter()
+    model = load_model(ref.path).eval()
+    reference = load_model(ref.path).eval() if config.validate else None
+    factorized = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    tokenizer = load_tokenizer(ref.path)
+    timings.load = time.perf_counter() - start
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        log(f"basel-edge: exporting {ref.path} to ExecuTorch/XNNPACK ({config.weights}, max_seq_len {config.max_seq_len}, {'factorized' if factorized else 'dense'})")
+        start = time.perf_counter()
+        prepare(model, config)
+        timings.quantize = time.perf_counter() - start
+        decoder = StaticCacheDecoder(model, config.max_seq_len).eval()
+        methods = metadata_methods(model, config, tokenizer)
+        logging.getLogger("torch._export").setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            edge, program = export_program(decoder, methods, timings)
+        inside, outside = delegated_linear_counts(edge)
+        portable = Counter(
+            str(node.target).split(":")[0].replace("<EdgeOpOverload: ", "").strip(">")
+            for node in program.exported_program().graph.nodes
+            if node.op == "call_function" and not str(node.target).startswith(("<built-in", "<function"))
+        )
+        (tmp / PTE_FILE).write_bytes(program.buffer)
+        copy_tokenizer_files(ref.path, tmp)
+        if ref.factorized:
+            (tmp / DIMENSION_FILE).write_bytes((ref.path / DIMENSION_FILE).read_bytes())
+        scheme = config.scheme()
+        info = {
+            "target": "executorch",
+            "source": str(ref.path),
+            "factorized_linears": len(factorized),
+            "scheme": scheme,
+            "config": asdict(config),
+            "delegates": sum(1 for n, _ in edge.exported_program().graph_module.named_children() if n.startswith("lowered_module")),
+            "linears": {"delegated": sum(inside.values()), "outside": sum(outside.values())},
+            "portable_ops": dict(sorted(portable.items())),
+        }
+        if config.validate:
+            log("basel-edge: validating the .pte on the ExecuTorch runtime against torch:")
+            start = time.perf_counter()
+            report = validate(tmp, reference, tokenizer, config, factorized, inside, outside)
+            timings.validate = time.perf_counter() - start
+            for line in report.lines():
+                log(line)
+            info["validation"] = report.to_json()
+            if not report.ok:
+                raise UserError(f"validation of the exported .pte failed; {out_dir} was not written")
+        info["bytes"] = (tmp / PTE_FILE).stat().st_size
+        info["timings"] = {k: round(v, 1) for k, v in asdict(timings).items()}
+        info["export_seconds"] = round(time.perf_counter() - start_all, 1)
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+@register
+class ExecutorchExporter(Exporter):
+    name = "executorch"
+    description = ".pte with static KV cache for ExecuTorch/XNNPACK; --weights int8 (default, 8da8w) | fp32"
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--max-seq-len", type=int, default=1024, help="static KV cache length (executorch target)")
+
+    def export(self, args: argparse.Namespace) -> int:
+        config = ExecutorchExportConfig(
+            weights=args.weights or "int8",
+            max_seq_len=args.max_seq_len,
+            validate=not getattr(args, "no_validate", False),
+        )
+        log = (lambda *a: None) if args.json or args.quiet else print
+        info = export_executorch(args.model, args.output, config, overwrite=args.overwrite, log=log)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"basel-edge: wrote {args.output} ({info['bytes']} bytes of .pte, {info['export_seconds']} s)")
+        return 0
