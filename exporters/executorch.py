@@ -183,6 +183,12 @@ def metadata_methods(model: nn.Module, config: ExecutorchExportConfig, tokenizer
     }
 
 
+def executorch_version() -> str:
+    import executorch.version
+
+    return executorch.version.__version__
+
+
 @dataclass
 class Timings:
     """Seconds per export stage, to see where the time goes."""
@@ -347,6 +353,7 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
         info = {
             "target": "executorch",
             "source": str(ref.path),
+            "executorch_version": executorch_version(),
             "factorized_linears": len(factorized),
             "scheme": scheme,
             "config": asdict(config),
