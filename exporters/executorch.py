@@ -34,7 +34,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
-from basel_edge.lowrank import LowRankLinear, balance_factors_
+from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
@@ -153,8 +153,39 @@ def quantize_int8_(model: nn.Module) -> None:
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
 
 
+class DelegableRMSNorm(nn.Module):
+    """RMSNorm with the mean of squares as a matmul by a constant 1/d vector.
+
+    XNNPACK does not take `mean` over the last dim of a 3-D tensor, so the stock norm splits every decoder
+    layer into several delegates; as a linear it stays inside one, which lowers faster and decodes faster.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = eps
+        self.register_buffer("mean_vector", torch.full((1, weight.numel()), 1.0 / weight.numel()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        variance = nn.functional.linear(x * x, self.mean_vector)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+def replace_rms_norms_(model: nn.Module) -> int:
+    """Swap every `*RMSNorm` module (weight + variance_epsilon) for DelegableRMSNorm; returns how many."""
+    swaps = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+    ]
+    for name, module in swaps:
+        set_module(model, name, DelegableRMSNorm(module.weight, module.variance_epsilon))
+    return len(swaps)
+
+
 def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
-    """The model ready to trace: quantized when asked, and without an embedding padding_idx.
+    """The model ready to trace: quantized when asked, delegable norms, no embedding padding_idx.
 
     padding_idx only matters for training, and it keeps ExecuTorch's quant fusion from matching the
     dequantize+embedding pattern (the int8 table would then have no kernel).
@@ -162,6 +193,7 @@ def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
     model.get_input_embeddings().padding_idx = None
     if config.weights == "int8":
         quantize_int8_(model)
+    replace_rms_norms_(model)
     return model
 
 
@@ -254,7 +286,10 @@ def _module_path(node) -> str | None:
 
 
 def delegated_linear_counts(edge) -> tuple[Counter, Counter]:
-    """Linear ops per source module inside XNNPACK delegates, and those left outside any delegate."""
+    """Linear ops per source module inside XNNPACK delegates, and those left outside any delegate.
+
+    Keys are module paths; the norms' mean-of-squares matmuls appear under the norm's path.
+    """
     graph_module = edge.exported_program().graph_module
     inside, outside = Counter(), Counter()
     for node in graph_module.graph.nodes:
@@ -340,6 +375,9 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
             warnings.simplefilter("ignore")
             edge, program = export_program(decoder, methods, timings)
         inside, outside = delegated_linear_counts(edge)
+        weight_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        inside = Counter({k: v for k, v in inside.items() if k in weight_linears})
+        outside = Counter({k: v for k, v in outside.items() if k in weight_linears})
         portable = Counter(
             str(node.target).split(":")[0].replace("<EdgeOpOverload: ", "").strip(">")
             for node in program.exported_program().graph.nodes

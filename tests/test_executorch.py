@@ -193,3 +193,12 @@ def test_not_a_pte_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x00garbage" * 64)
     with pytest.raises(UserError, match="not a loadable ExecuTorch program"):
         ExecutorchRuntime.open(bad)
+
+
+def test_norms_stay_inside_delegates(exported):
+    """Stock RMSNorm's `mean` is not delegable and split each layer into ~6 delegates; now only the
+    KV-cache update and the custom SDPA (portable kernels) split a layer."""
+    for kind in ("fp32", "int8", "dense-int8"):
+        info = exported[kind + "-info"]
+        assert "aten.mean.out" not in info["portable_ops"], info["portable_ops"]
+        assert info["delegates"] <= 4 * 2 + 1, info["delegates"]
