@@ -202,3 +202,23 @@ def test_norms_stay_inside_delegates(exported):
         info = exported[kind + "-info"]
         assert "aten.mean.out" not in info["portable_ops"], info["portable_ops"]
         assert info["delegates"] <= 4 * 2 + 1, info["delegates"]
+
+
+def test_weight_only_int8_lowering_is_caught(factorized, tmp_path, monkeypatch):
+    """DESIGN.md section 5: torchao weight-only int8 lowers to XNNPACK silently wrong in this version; the
+    check of the .pte against the eager quantized model must refuse it and leave nothing behind."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    import exporters.executorch as target
+
+    def weight_only(model):
+        target.untie_embeddings_(model)
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
+
+    monkeypatch.setattr(target, "quantize_int8_", weight_only)
+    lines = []
+    with pytest.raises(UserError, match="validation"):
+        export_executorch(factorized, tmp_path / "out", ExecutorchExportConfig(weights="int8", max_seq_len=64), log=lines.append)
+    assert any("✗" in line and "lowering" in line for line in lines), lines
+    assert list(tmp_path.iterdir()) == []
