@@ -80,6 +80,7 @@ print(json.dumps({{
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", type=Path, help="dense checkpoint (default: the embedded SmolLM2-135M)")
     parser.add_argument("--factorized", type=Path)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -89,18 +90,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    dense = resolve_model(DEFAULT_MODEL).path
+    dense = args.dense or resolve_model(DEFAULT_MODEL).path
     factorized = ensure_factorized(args.factorized)
     artifacts = {
-        "dense fp32": (dense, "fp32"),
         "dense int8": (dense, "int8"),
         "factorized int8": (factorized, "int8"),
+        "dense fp32": (dense, "fp32"),
     }
+    from transformers import AutoTokenizer
+
+    from basel_edge.data import load_task
+
+    tok = AutoTokenizer.from_pretrained(dense)
+    text = load_task("python-code").validation[0].text
+    prompt = tok(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
     rows = {}
-    for label, (src, weights) in artifacts.items():
+    args.out.mkdir(parents=True, exist_ok=True)
+    for label, (src, weights) in artifacts.items():  # export and time each in turn; partial results are kept
         out = args.work / label.replace(" ", "-")
         info = export_executorch(src, out, ExecutorchExportConfig(weights=weights, max_seq_len=args.max_seq_len), overwrite=True)
-        rows[label] = {
+        row = rows[label] = {
             "source": str(src),
             "weights": weights,
             "file_bytes": info["bytes"],
@@ -109,21 +118,14 @@ def main() -> None:
             "export_timings": info["timings"],
             "delegates": info["delegates"],
             "validation": info["validation"]["metrics"] | {"ok": info["validation"]["ok"]},
-            "dir": out,
+            "dir": str(out),
         }
-        rows[label]["validation"].pop("factor_matmuls", None)
+        row["validation"].pop("factor_matmuls", None)
         print(f"{label}: exported in {info['export_seconds']} s {info['timings']}, {info['bytes']} bytes", flush=True)
-    from transformers import AutoTokenizer
-
-    from basel_edge.data import load_task
-
-    tok = AutoTokenizer.from_pretrained(dense)
-    text = load_task("python-code").validation[0].text
-    prompt = tok(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
-    for device in PROFILES:
-        for label, row in rows.items():
-            row[device] = time_runtime(row["dir"], device, prompt, args.new_tokens, args.reps)
+        for device in PROFILES:
+            row[device] = time_runtime(out, device, prompt, args.new_tokens, args.reps)
             print(f"{label} on {device}: {row[device]}", flush=True)
+        (args.out / "executorch.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
 
     base, fact = rows["dense int8"], rows["factorized int8"]
     ideal = base["linear_weight_bytes"] / fact["linear_weight_bytes"]
@@ -171,7 +173,7 @@ def main() -> None:
         "decode_ratio": ratios,
         "rows": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()} for k, v in rows.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "executorch.partial.json").unlink(missing_ok=True)
     (args.out / "executorch.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "executorch.md").write_text(table + "\n")
     print(table)
