@@ -75,5 +75,4 @@ def parse_artifact(spec: str) -> Artifact:
         source = path
     else:
         source = _recorded_source(path)
-    label = path.name if path.is_dir() else path.stem
-    return Artifact(label=label, path=path, kind=kind, source=source)
+    return Artifact(label=path.name, path=path, kind=kind, source=source)

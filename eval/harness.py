@@ -141,9 +141,11 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
     if baseline.kind != "torch":
         raise UserError(f"--baseline must be a torch model folder (dense HF checkpoint), got a {baseline.kind} artifact")
     artifacts = [parse_artifact(a) for a in cfg.artifacts]
-    labels = [baseline.label] + [a.label for a in artifacts]
-    if len(set(labels)) != len(labels):
-        artifacts = [Artifact(f"{a.label}#{i + 1}", a.path, a.kind, a.source) for i, a in enumerate(artifacts)]
+    seen = {baseline.label}
+    for i, a in enumerate(artifacts):
+        if a.label in seen:
+            artifacts[i] = Artifact(f"{a.label}#{i + 1}", a.path, a.kind, a.source)
+        seen.add(artifacts[i].label)
     task_name, blocks, agreement_ids = _data(cfg, baseline)
     rows_ids = [r.tolist() for r in blocks.input_ids]
     rows_labels = [r.tolist() for r in blocks.labels]

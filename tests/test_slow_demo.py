@@ -10,12 +10,16 @@ pytestmark = pytest.mark.slow
 
 
 def _installed_engines() -> set[str]:
+    """Engines of the export targets installed here, less those --quick leaves out by design."""
     import exporters
     from basel_edge.errors import UserError
+    from eval.demo import SLOW_TARGETS
 
     engines = {"torch"}
     engine_of = {"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch"}
     for target in exporters.TARGET_MODULES:
+        if target in SLOW_TARGETS:
+            continue
         try:
             exporters.get_exporter(target)
         except UserError:

@@ -130,3 +130,13 @@ def test_validate_cli_exits_zero_with_a_failed_row_and_rejects_bad_backend(capsy
     code = main(["validate", "--baseline", str(tiny_llama), str(artifacts / "fact"), "--backends", "cpu,phone", "-o", str(tmp_path / "r2")])
     assert code == 2 and "phone" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+def test_peak_rss_is_the_workers_own(report):
+    """Workers are forked from a harness holding more memory; their figure must not be the harness's."""
+    import resource
+
+    harness_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ok = [r for r in report[0]["rows"] if r["status"] == "ok"]
+    assert ok and all(0 < r["peak_rss_bytes"] < harness_peak * 4 for r in ok)
+    assert len({r["peak_rss_bytes"] for r in ok}) > 1
