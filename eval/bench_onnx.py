@@ -53,6 +53,7 @@ def time_runtime(model_dir: Path, threads: int, prompt: list[int], new_tokens: i
     code = f"""
 import json, statistics
 from runtimes.onnxruntime import OrtRuntime
+from eval.worker import peak_rss_bytes
 rt = OrtRuntime.open({str(model_dir)!r}, "cpu", threads={threads})
 prompt = {prompt!r}
 rt.generate(prompt, 8)
@@ -63,7 +64,7 @@ print(json.dumps({{
     "decode_tps_min": min(g.decode_tokens_per_second for g in runs),
     "decode_tps_max": max(g.decode_tokens_per_second for g in runs),
     "new_tokens": len(runs[0].token_ids),
-    "peak_rss_mib": runs[-1].peak_rss_bytes / 2**20,
+    "peak_rss_mib": peak_rss_bytes() / 2**20,
 }}))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
