@@ -139,6 +139,14 @@ def balance_factors_(model: nn.Module) -> int:
     return count
 
 
+def untie_embeddings_(model: nn.Module) -> None:
+    """Give lm_head its own weight, so exporters can quantize it and the embedding by different schemes."""
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight is emb.weight:
+        out.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
 def merge_to_dense_(model: nn.Module) -> nn.Module:
     """Replace every LowRankLinear in `model` by an nn.Linear with weight B·A (in place)."""
     for name, module in list(model.named_modules()):

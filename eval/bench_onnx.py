@@ -53,7 +53,7 @@ def time_runtime(model_dir: Path, threads: int, prompt: list[int], new_tokens: i
     code = f"""
 import json, statistics
 from runtimes.onnxruntime import OrtRuntime
-from eval.worker import peak_rss_bytes
+from runtimes import peak_rss_bytes
 rt = OrtRuntime.open({str(model_dir)!r}, "cpu", threads={threads})
 prompt = {prompt!r}
 rt.generate(prompt, 8)

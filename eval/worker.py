@@ -31,20 +31,8 @@ def nll_of_row(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
     return float((logz - x[np.arange(len(x)), lab[keep]]).sum()), int(keep.sum())
 
 
-def peak_rss_bytes() -> int | None:
-    """High-water RSS of this process's own address space (VmHWM). getrusage's ru_maxrss is not usable here:
-    Linux carries it over fork+exec, so a worker would report the harness's peak instead of its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def measure(spec: dict) -> dict:
-    from runtimes import open_runtime
+    from runtimes import open_runtime, peak_rss_bytes
 
     start = time.perf_counter()
     runtime = open_runtime(spec["engine"], spec["artifact"], spec["device"], spec["threads"])
@@ -69,7 +57,7 @@ def measure(spec: dict) -> dict:
         "decode_tps": {"median": statistics.median(decode), "min": min(decode), "max": max(decode)},
         "new_tokens": len(runs[0].token_ids),
         "prompt_tokens": len(prompt),
-        "peak_rss_bytes": peak_rss_bytes() or max(g.peak_rss_bytes for g in runs),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

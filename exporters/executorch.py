@@ -34,7 +34,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
-from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module
+from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
@@ -132,14 +132,6 @@ class StaticCacheDecoder(nn.Module):
         positions = (torch.arange(tokens.shape[1]) + input_pos[0])[None]
         cache = [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(self.layers)]
         return self.model(input_ids=tokens, position_ids=positions, use_cache=False, et_cache=cache, et_start=start).logits
-
-
-def untie_embeddings_(model: nn.Module) -> None:
-    """Give lm_head its own weight: the embedding and lm_head are quantized by different schemes."""
-    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is not None and out.weight is emb.weight:
-        out.weight = nn.Parameter(emb.weight.detach().clone())
-        model.config.tie_word_embeddings = False
 
 
 def quantize_int8_(model: nn.Module) -> None:

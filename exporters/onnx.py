@@ -33,7 +33,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
-from basel_edge.lowrank import LowRankLinear, balance_factors_
+from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
@@ -125,14 +125,6 @@ def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of a Llama-family config."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return config.num_hidden_layers, config.num_key_value_heads, head_dim
-
-
-def untie_embeddings_(model: nn.Module) -> None:
-    """Give lm_head its own weight so the quantizer sees a plain MatMul with a constant."""
-    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is not None and out.weight is emb.weight:
-        out.weight = nn.Parameter(emb.weight.detach().clone())
-        model.config.tie_word_embeddings = False
 
 
 def export_fp32(model: nn.Module, opset: int):

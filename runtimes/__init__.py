@@ -19,6 +19,20 @@ ENGINE_MODULES: dict[str, str] = {}
 ENGINES: dict[str, type["Runtime"]] = {}
 
 
+def peak_rss_bytes() -> int:
+    """High-water RSS of this process's own address space (VmHWM). getrusage's ru_maxrss is the fallback only:
+    Linux carries it over fork+exec, so a worker started by a larger process would report that process's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Unavailable(RuntimeError):
     """This engine or device cannot run here; the message says why."""
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from basel_edge.errors import UserError
 
-from . import Generation, Runtime, Unavailable, register
+from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
 EXPORT_INFO_FILE = "basel-export.json"
 MiB = 1 << 20
@@ -45,10 +45,6 @@ MOBILE = MobileProfile()
 
 class MemoryBudgetExceeded(Unavailable):
     """The model does not fit the emulated phone's memory budget."""
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _vm_size() -> int:
@@ -178,7 +174,7 @@ class ExecutorchRuntime(Runtime):
         while len(tokens) < max_new_tokens:
             logits = self._run([tokens[-1]], len(prompt_ids) + len(tokens) - 1)
             tokens.append(int(logits[-1].argmax()))
-        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss())
+        return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes())
 
     def info(self):
         import executorch.version

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -11,14 +10,10 @@ import numpy as np
 
 from basel_edge.errors import UserError
 
-from . import Generation, Runtime, Unavailable, register
+from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
 ONNX_FILE = "model.onnx"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _model_file(path: Path) -> Path:
@@ -96,7 +91,7 @@ class OrtRuntime(Runtime):
         while len(tokens) < max_new_tokens:
             logits, past = self._run([tokens[-1]], past, len(prompt_ids) + len(tokens) - 1)
             tokens.append(int(logits[-1].argmax()))
-        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss())
+        return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes())
 
     def info(self):
         import onnxruntime as ort

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -10,11 +9,7 @@ import torch
 
 from basel_edge.checkpoint import load_model
 
-from . import Generation, Runtime, Unavailable, register
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
 
 @register
@@ -53,7 +48,7 @@ class TorchRuntime(Runtime):
             out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=self.device), cache=past, use_cache=True)
             past = out.cache
             tokens.append(int(out.logits[0, -1].argmax()))
-        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss())
+        return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes())
 
     def info(self):
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self.path.is_dir() else 0

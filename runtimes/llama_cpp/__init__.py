@@ -6,7 +6,6 @@ on the patched build, and basel-edge says so instead of surfacing llama.cpp's mi
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -14,14 +13,10 @@ import numpy as np
 
 from exporters.gguf_format import read_summary
 
-from .. import Generation, Runtime, Unavailable, register
+from .. import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
 DEFAULT_CONTEXT = 1024  # with logits for every position: n_ctx x vocab floats (200 MB for SmolLM2)
 BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def patched_binding_installed() -> bool:
@@ -91,7 +86,7 @@ class LlamaCppRuntime(Runtime):
         while len(tokens) < max_new_tokens and self.llm.n_tokens < self.llm.n_ctx():
             self.llm.eval([tokens[-1]])
             tokens.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-        return Generation(tokens, prefill, time.perf_counter() - start, _peak_rss(),
+        return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes(),
                           extra={"factorized": read_summary(self.path).factorized})
 
     def close(self) -> None:
