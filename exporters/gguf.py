@@ -250,6 +250,7 @@ def export_gguf(
     from tqdm import tqdm
 
     from basel_edge.checkpoint import load_model
+    from basel_edge.lowrank import balance_factors_
     from basel_edge.models import resolve_model
 
     if weights not in WEIGHT_FORMATS:
@@ -267,6 +268,8 @@ def export_gguf(
         raise UserError(f"output {output} is a directory; give a .gguf file path")
     cfg = _Config(json.loads((ref.path / "config.json").read_text()), ref.path)
     model = load_model(ref.path)
+    if layout == "factorized" and weights == "q8_0":
+        balance_factors_(model)  # Q8_0 mul_mat quantizes the activation a·x per block of 32; see balance_factors_
     converter = _Converter(cfg, weights, layout, fuse)
 
     output.parent.mkdir(parents=True, exist_ok=True)
