@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -71,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.4, 0.6])
     parser.add_argument("--methods", nargs="+", default=["svd-llm", "svd-llm+ft", "basel", "bsi"])
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
+                        help="a trained method with its own compress options, run after --methods")
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained method")
     parser.add_argument("--train-seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -119,8 +122,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     common = ["--task", "python-code", "--threads", "1", "--overwrite", "--quiet"]
     trained = ["--steps", str(args.steps), "--train-seq-len", str(args.train_seq_len), "--train-batch-size", str(BATCH)]
+    variants = {m: m.split(":", 1)[0:1] + (["--basis", m.split(":", 1)[1]] if ":" in m else [])
+                for m in args.methods if m not in ("svd-llm", "svd-llm+ft")}
+    for spec in args.variant:
+        label, sep, rest = spec.partition("=")
+        if not sep or not rest.split():
+            parser.error(f"--variant {spec!r}: expected LABEL=METHOD [OPTIONS]")
+        variants[label] = shlex.split(rest)
+    labels = [m for m in args.methods if m in ("svd-llm", "svd-llm+ft")] + list(variants)
     for keep in args.keeps:
-        for method in args.methods:
+        for method in labels:
             out = args.work / f"{method}-{keep}"
             if method == "svd-llm":
                 run = run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(out), *common])
@@ -137,9 +148,12 @@ def main() -> None:
                     run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
                 train_tokens = tokens
             else:
-                name, _, variant = method.partition(":")
-                extra = ["--basis", variant] if variant else []
-                run = run_cli(["compress", "--method", name, "--keep", str(keep), "-o", str(out), *trained, *extra,
+                name, *extra = variants[method]
+                part1 = trained
+                if "--finetune-steps" in extra:
+                    ft = int(extra[extra.index("--finetune-steps") + 1])
+                    part1 = ["--steps", str(args.steps - ft), "--train-tokens", str(tokens), *trained[2:]]
+                run = run_cli(["compress", "--method", name, "--keep", str(keep), "-o", str(out), *part1, *extra,
                                *common])
                 train_tokens = tokens
             dims = json.loads((out / "basel.json").read_text())

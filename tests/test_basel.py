@@ -108,18 +108,19 @@ def test_mass_mode_shrinks_ranks_monotonically_to_the_mass_target(tiny_llama, bl
         assert float(c[: k - 1].sum() / c.sum()) < 0.4 ** (3 / 4) + 1e-6 or k == 1
 
 
-@pytest.mark.parametrize("importance", ["coefficient", "bsi"])
+@pytest.mark.parametrize("importance,allocation", [("coefficient", "uniform"), ("coefficient", "global"), ("bsi", "global")])
 @pytest.mark.parametrize("keep", [0.6, 0.45])
-def test_budget_mode_hits_the_parameter_budget(tiny_llama, blocks, importance, keep):
+def test_budget_mode_hits_the_parameter_budget(tiny_llama, blocks, importance, allocation, keep):
     model = load_dense(tiny_llama)
     linears = decoder_linears(model)
     dense = sum(m.in_features * m.out_features for m in linears.values())
     slack = sum(MULTIPLE * (m.in_features + m.out_features) for m in linears.values())
-    result = run_basel(model, blocks, _cfg(keep=keep, importance=importance), LoopConfig(steps=12, batch_size=2),
-                       progress=False)
+    cfg = _cfg(keep=keep, importance=importance, allocation=allocation)
+    result = run_basel(model, blocks, cfg, LoopConfig(steps=12, batch_size=2), progress=False)
     stored = _stored(model)
-    assert stored <= keep * dense
-    assert keep * dense - stored <= slack
+    if allocation == "global":  # the greedy allocator never passes the budget; uniform rounds to nearest
+        assert stored <= keep * dense
+    assert abs(keep * dense - stored) <= slack
     kept = [h["kept"] for h in result.history]
     for name in kept[0]:
         counts = [k[name] for k in kept]
@@ -219,7 +220,7 @@ def test_bsi_scores_track_the_measured_loss_increase(tiny_llama, blocks):
 
 def test_bad_configs_are_user_errors():
     for bad in (dict(keep=0), dict(mode="x"), dict(basis="basel"), dict(prune_events=20), dict(keep_steps=12),
-                dict(lr=0.0), dict(importance="x")):
+                dict(lr=0.0), dict(importance="x"), dict(allocation="x")):
         with pytest.raises(UserError):
             _cfg(**bad)
     with pytest.raises(UserError, match="needs calibration"):
@@ -243,7 +244,8 @@ def test_cli_basel_then_finetune(capsys, tiny_llama, tiny_text_data, tmp_path):
     )
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["method"] == "bsi" and 0.3 < summary["kept_fraction"] <= 0.5
+    # uniform allocation rounds each tiny matrix's rank to the nearest multiple of 8, hence the slack
+    assert summary["method"] == "bsi" and 0.3 < summary["kept_fraction"] <= 0.6
     assert summary["train_tokens"] == 8 * 2 * 64
     dims = json.loads((out / "basel.json").read_text())
     assert dims["method"] == "bsi" and dims["extra"]["basel"]["importance"] == "bsi"

@@ -32,7 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--basis", default="svd-llm",
                    help="SVD-family method supplying the frozen bases (svd = the paper's plain SVD)")
     g.add_argument("--r-add", type=int, default=32, help="new trainable bases per matrix")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the basis coefficients")
+    g.add_argument("--lr-add", type=float, default=None, help="learning rate of the new bases (default --lr)")
     g.add_argument("--train-seq-len", type=int, default=DEFAULT_TRAIN_SEQ_LEN, help="tokens per training row")
     g.add_argument("--train-batch-size", type=int, default=DEFAULT_TRAIN_BATCH, help="training rows per step")
     g.add_argument("--train-tokens", type=int, default=None,
@@ -70,9 +71,9 @@ def run_compress(args: argparse.Namespace, method) -> int:
     seq_len, batch = args.train_seq_len, args.train_batch_size
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     cfg = BaselConfig(
-        keep=args.keep, mode=args.prune_mode, mass=args.mass, importance=method.importance, basis=args.basis,
+        keep=args.keep, mode=args.prune_mode, mass=args.mass, allocation=args.allocation, importance=method.importance, basis=args.basis,
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
-        prune_events=args.prune_events, lr=args.lr, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
     )
     ckpt_dir = default_checkpoint_dir(args.output)
     loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
