@@ -40,18 +40,20 @@ def weight_bytes_per_token(path: Path) -> int:
     return sum(tensors.values())
 
 
-def heldout_text(path: Path, max_tokens: int) -> int:
-    """Write held-out python-code documents to `path` up to `max_tokens` tokens; return the token count."""
+def heldout_text(path: Path, max_tokens: int, ctx: int) -> int:
+    """Write held-out python-code documents to `path` up to `max_tokens` tokens; return the token count.
+
+    Documents are chosen as the harness's `pack` chooses them (each contributes at most its first
+    max(ctx, max_tokens // 32) tokens), so the score spans many files rather than one long, repetitive one.
+    """
+    from basel_edge.data import DOCUMENTS_PER_BUDGET, tokenize_examples
+
     tok = load_tokenizer(resolve_model(DEFAULT_MODEL).path)
-    parts, total = [], 0
-    for ex in load_task("python-code").validation:
-        ids = tok(ex.prompt + ex.text)["input_ids"][: max_tokens - total]
-        parts.append(tok.decode(ids))
-        total += len(ids)
-        if total >= max_tokens:
-            break
+    per_document = max(ctx, max_tokens // DOCUMENTS_PER_BUDGET)
+    pairs = tokenize_examples(load_task("python-code").validation, tok, max_tokens, per_example=per_document)
+    parts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in pairs]
     path.write_text("\n\n".join(parts), encoding="utf-8")
-    return total
+    return sum(len(ids) for ids, _ in pairs)
 
 
 def factorized_checkpoint(keep: float, work: Path) -> Path:
@@ -90,7 +92,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     text_file = args.work / "heldout-python-code.txt"
-    eval_tokens = heldout_text(text_file, args.eval_tokens)
+    eval_tokens = heldout_text(text_file, args.eval_tokens, args.ctx)
     files: list[tuple[str, Path, float | None]] = []
     dense_q8 = args.work / "dense-q8_0.gguf"
     export_gguf(DEFAULT_MODEL, dense_q8, weights="q8_0", overwrite=True, progress=False)
@@ -128,7 +130,7 @@ def main() -> None:
         "engine": f"llama.cpp vendored in llama-cpp-python {PIN} + runtimes/llama_cpp/lowrank.patch ({build_key(False)})",
         "cpu": platform.processor() or platform.machine(),
         "llama_bench": {"tests": ["pp64", "tg64"], "threads": list(THREADS), "repetitions": args.repetitions},
-        "perplexity": {"text": "python-code validation split", "tokens": eval_tokens, "ctx": args.ctx, "threads": 2},
+        "perplexity": {"text": "python-code validation split, at most max(ctx, tokens/32) tokens per document", "tokens": eval_tokens, "ctx": args.ctx, "threads": 2},
         "target_fraction_of_ideal": TARGET_FRACTION_OF_IDEAL,
         "rows": rows,
     }
