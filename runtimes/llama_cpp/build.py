@@ -2,8 +2,8 @@
 
 `python -m runtimes.llama_cpp.build` downloads the exactly pinned sdist from PyPI (checked against its hash),
 applies `lowrank.patch` to its vendored llama.cpp, builds the CLI tools (`llama-completion`, `llama-bench`,
-`llama-perplexity`, `llama-quantize`) with CMake into the basel-edge cache, and pip-installs the patched
-llama-cpp-python into the running environment. Everything is keyed by pin + patch (+ CUDA flag): a second run
+`llama-perplexity`, `llama-quantize`) with CMake into the basel-edge cache, builds the patched llama-cpp-python
+wheel into the same cache and pip-installs it into the running environment. Everything is keyed by pin + patch (+ CUDA flag): a second run
 with the same key does nothing, a changed patch rebuilds. `--cuda` builds the CUDA backend (needs nvcc).
 """
 
@@ -151,23 +151,45 @@ def installed_key() -> str | None:
     return stamp.read_text().strip() if stamp.is_file() else None
 
 
-def install_python(cuda: bool = False, jobs: int | None = None) -> None:
-    """pip-install the patched llama-cpp-python into this environment; skipped when the key matches."""
-    key = build_key(cuda)
-    if installed_key() == key:
-        print(f"patched {PACKAGE} {PIN} already installed ({key})")
-        return
-    src = patched_source(build_root(cuda))
+def python_wheel(cuda: bool = False, jobs: int | None = None) -> Path:
+    """The patched llama-cpp-python wheel, built once per key into `<build root>/wheel`.
+
+    The binding loads its shared library through ctypes, so the wheel does not depend on the Python version:
+    every new environment (a fresh clone's venv, CI) installs it in seconds instead of compiling again.
+    """
+    root = build_root(cuda)
+    wheels = sorted((root / "wheel").glob("llama_cpp_python-*.whl"))
+    if wheels:
+        return wheels[-1]
+    src = patched_source(root)
     env = dict(os.environ)
     env["CMAKE_ARGS"] = " ".join([*BASE_CMAKE_ARGS, *(CUDA_CMAKE_ARGS if cuda else ())])
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 1)
     start = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", tmp, str(src)], env=env)
+        built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise UserError(f"pip wheel did not produce a {PACKAGE} wheel")
+        (root / "wheel").mkdir(exist_ok=True)
+        wheel = root / "wheel" / built[-1].name
+        built[-1].replace(wheel)
+    print(f"built patched {PACKAGE} wheel in {time.monotonic() - start:.0f} s -> {wheel}")
+    return wheel
+
+
+def install_python(cuda: bool = False, jobs: int | None = None) -> None:
+    """pip-install the patched llama-cpp-python wheel into this environment; skipped when the key matches."""
+    key = build_key(cuda)
+    if installed_key() == key:
+        print(f"patched {PACKAGE} {PIN} already installed ({key})")
+        return
+    wheel = python_wheel(cuda, jobs)
     # --no-deps + --force-reinstall: replace any stock build without touching the pinned numpy
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir", str(src)],
-         env=env)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)])
     _run([sys.executable, "-m", "pip", "install", "diskcache>=5.6.1", "jinja2>=2.11.3", "typing-extensions>=4.5.0"])
     (Path(sys.prefix) / INSTALL_STAMP).write_text(key + "\n")
-    print(f"installed patched {PACKAGE} in {time.monotonic() - start:.0f} s")
+    print(f"installed patched {PACKAGE} from {wheel.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
