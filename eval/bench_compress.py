@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/basel-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dense-from", type=Path, default=None,
+                        help="take the dense row from an earlier compress.json of the same settings (saves scoring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -116,7 +118,13 @@ def main() -> None:
         (args.out / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.out / "compress.md").write_text(markdown(report) + "\n")
 
-    py, he = score(DEFAULT_MODEL)
+    if args.dense_from is not None:
+        earlier = json.loads(args.dense_from.read_text())
+        if (earlier["python_eval_tokens"], earlier["humaneval_eval_tokens"]) != (heldout.scored_tokens, humaneval.scored_tokens):
+            parser.error(f"{args.dense_from} scored other data; drop --dense-from")
+        py, he = earlier["dense"]["python_ppl"], earlier["dense"]["humaneval_ppl"]
+    else:
+        py, he = score(DEFAULT_MODEL)
     report["dense"] = {"python_ppl": py, "humaneval_ppl": he}
     print(f"dense: python {py:.3f} humaneval {he:.3f}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
