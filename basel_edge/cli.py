@@ -259,7 +259,7 @@ def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="compress, export and validate the embedded SmolLM2 end to end")
     p.add_argument("--quick", action="store_true", help="small budgets: a first look in a few minutes")
     p.add_argument("--keep", type=_keep, default=0.5)
-    p.add_argument("--method", help="compression method (default: basel if installed, else svd-llm; svd-llm with --quick)")
+    p.add_argument("--method", help="compression method (default: svd-llm, then fine-tuned; basel or bsi train instead)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("-o", "--output", type=Path, default=Path("out/demo"))
     p.set_defaults(func=cmd_demo)

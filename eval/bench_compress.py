@@ -71,7 +71,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.4, 0.6])
-    parser.add_argument("--methods", nargs="+", default=["svd-llm", "svd-llm+ft", "basel", "bsi"])
+    parser.add_argument("--methods", nargs="*", default=["svd-llm", "svd-llm+ft", "basel", "bsi"])
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
                         help="a trained method with its own compress options, run after --methods")
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained method")

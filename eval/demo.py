@@ -1,12 +1,15 @@
 """`basel-edge demo`: the whole pipeline on the embedded SmolLM2-135M, offline.
 
-compress for python-code at keep 0.5 (Basel when it is installed, SVD-LLM otherwise) → export to every
-available target with int8 weights → validate everything against the dense model on cpu and mobile (and cuda
-when there is a GPU) → print where the report is. `--quick` uses small budgets for a first look.
+compress for python-code at keep 0.5 with the method measured best at an equal training budget (SVD-LLM, then
+part-2 fine-tuning of both factors: eval/results/compress.md, where no Basel/BSI setting beat it) → export to
+every available target with int8 weights → validate everything against the dense model on cpu and mobile (and
+cuda when there is a GPU) → print where the report is. `--method basel|bsi` runs the trained methods instead
+(their part 2 inside the same step budget). `--quick` uses small budgets for a first look.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,9 @@ from basel_edge.errors import UserError
 INT8_WEIGHTS = {"onnx": "int8", "gguf": "q8_0", "executorch": "int8"}
 FILE_TARGETS = {"gguf": ".gguf"}
 # Lowering SmolLM2 to XNNPACK takes minutes on 2 cores, more than the whole --quick budget.
+# Training runs on one thread: on a shared 2-core machine two threads made a step many times slower
+# (basel_cli.py); the SVDs and the validation use --threads.
+TRAIN_THREADS = 1
 SLOW_TARGETS = {"executorch": "its XNNPACK lowering takes several minutes on 2 cores (run the demo without --quick)"}
 
 
@@ -38,20 +44,32 @@ class DemoConfig:
             raise UserError(f"--threads must be positive, got {self.threads}")
 
     def chosen_method(self) -> str:
-        from basel_edge.compress import METHODS
+        return self.method or "svd-llm"
 
-        if self.method:
-            return self.method
-        return "svd-llm" if self.quick or "basel" not in METHODS else "basel"
+    @property
+    def train_steps(self) -> int:
+        """Training steps of the compression phase (fine-tuning, or Basel part 1 + part 2); none in --quick."""
+        return 0 if self.quick else 120
 
     def compress_args(self) -> list[str]:
         method = self.chosen_method()
-        args = ["--method", method, "--keep", str(self.keep), "--threads", str(self.threads)]
+        args = ["--method", method, "--keep", str(self.keep)]
         if method in ("basel", "bsi"):
-            args += ["--steps", "40" if self.quick else "120"]
-        else:
-            args += ["--calib-tokens", "2048" if self.quick else "16384"]
-        return args
+            # the best Basel setting measured at keep 0.4 (eval/results/compress.md): no new bases, lr 1e-2,
+            # half the steps in part 1 and half in part 2; training on one thread (see TRAIN_THREADS)
+            args += ["--r-add", "0", "--lr", "1e-2", "--threads", str(TRAIN_THREADS)]
+            if self.quick:
+                return args + ["--steps", "40"]
+            half = self.train_steps // 2
+            return args + ["--steps", str(half), "--finetune-steps", str(half),
+                           "--train-tokens", str(self.train_steps * 2 * 256)]
+        return args + ["--threads", str(self.threads), "--calib-tokens", "2048" if self.quick else "16384"]
+
+    def finetune_args(self) -> list[str]:
+        """`basel-edge finetune` options after an SVD-family compression (empty: no fine-tuning)."""
+        if self.chosen_method() in ("basel", "bsi") or not self.train_steps:
+            return []
+        return ["--task", "python-code", "--steps", str(self.train_steps), "--threads", str(TRAIN_THREADS)]
 
     def validate_args(self) -> list[str]:
         if self.quick:
@@ -77,9 +95,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     dense = resolve_model(DEFAULT_MODEL).path
     print(f"dense model: {dense} ({time.perf_counter() - t:.0f} s)")
 
-    fact = out / f"smollm2-135m-{cfg.chosen_method()}-{cfg.keep}"
-    t = _phase(2, 4, f"compress for python-code with {cfg.chosen_method()} at keep {cfg.keep}")
-    code = main(["compress", "--model", DEFAULT_MODEL, "--task", "python-code", *cfg.compress_args(), "-o", str(fact), "--overwrite"])
+    fact = out / f"smollm2-135m-{cfg.chosen_method()}{'-ft' if cfg.finetune_args() else ''}-{cfg.keep}"
+    t = _phase(2, 4, f"compress for python-code with {cfg.chosen_method()} at keep {cfg.keep}"
+                     + (f", then fine-tune {cfg.train_steps} steps" if cfg.finetune_args() else ""))
+    compressed = fact.with_name(fact.name + ".untuned") if cfg.finetune_args() else fact
+    code = main(["compress", "--model", DEFAULT_MODEL, "--task", "python-code", *cfg.compress_args(), "-o", str(compressed), "--overwrite"])
+    if code == 0 and cfg.finetune_args():
+        code = main(["finetune", str(compressed), *cfg.finetune_args(), "-o", str(fact), "--overwrite"])
+        shutil.rmtree(compressed, ignore_errors=True)
     if code != 0:
         raise UserError("compression failed; see the message above")
     print(f"compressed in {time.perf_counter() - t:.0f} s")

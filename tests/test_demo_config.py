@@ -1,0 +1,40 @@
+"""The demo's budgets: what each phase is asked to do, without running it."""
+
+from pathlib import Path
+
+import pytest
+
+from basel_edge.errors import UserError
+from eval.demo import TRAIN_THREADS, DemoConfig
+
+
+def _value(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_full_demo_fine_tunes_the_svd_llm_model_on_one_thread():
+    cfg = DemoConfig(out=Path("x"))
+    assert _value(cfg.compress_args(), "--method") == "svd-llm"
+    ft = cfg.finetune_args()
+    assert int(_value(ft, "--steps")) == cfg.train_steps > 0
+    assert int(_value(ft, "--threads")) == TRAIN_THREADS
+
+
+def test_quick_demo_does_not_train():
+    cfg = DemoConfig(out=Path("x"), quick=True)
+    assert cfg.finetune_args() == [] and "--finetune-steps" not in cfg.compress_args()
+
+
+def test_basel_demo_splits_the_same_step_budget_between_part_1_and_part_2():
+    cfg = DemoConfig(out=Path("x"), method="basel")
+    args = cfg.compress_args()
+    assert args.count("--steps") == 1
+    assert int(_value(args, "--steps")) + int(_value(args, "--finetune-steps")) == cfg.train_steps
+    assert int(_value(args, "--train-tokens")) == cfg.train_steps * 2 * 256
+    assert cfg.finetune_args() == []
+
+
+@pytest.mark.parametrize("bad", [dict(keep=0.0), dict(keep=1.5), dict(threads=0)])
+def test_bad_demo_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        DemoConfig(out=Path("x"), **bad)
