@@ -36,6 +36,7 @@ from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
 from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
+from basel_edge.rotation import rotate_hidden_
 
 from . import Exporter, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
@@ -60,6 +61,10 @@ class ExecutorchExportConfig:
     # quantization differs from torchao's eager reference), 0.927 vs fp32; a broken lowering scores ~0
     min_lowering_agreement: float = 0.85
     min_kv_agreement: float = 0.75
+    # int8: rotate the hidden space before quantizing (basel_edge.rotation); None = factorized checkpoints only.
+    # SVD-LLM keep 0.5 SmolLM2 without it: eager 8da8w top-1 0.81 vs fp32, and the .pte 0.81 vs its own eager
+    # model, as two int8 runs that differ only in float rounding order diverge that much (issue 6)
+    rotate: bool | None = None
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -180,17 +185,30 @@ def replace_rms_norms_(model: nn.Module) -> int:
     return len(swaps)
 
 
-def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
-    """The model ready to trace: quantized when asked, delegable norms, no embedding padding_idx.
+def should_rotate(model: nn.Module, config: ExecutorchExportConfig) -> bool:
+    if config.weights != "int8":
+        return False
+    if config.rotate is None:
+        return any(isinstance(m, LowRankLinear) for m in model.modules())
+    return config.rotate
 
-    padding_idx only matters for training, and it keeps ExecuTorch's quant fusion from matching the
-    dequantize+embedding pattern (the int8 table would then have no kernel).
+
+def prepare(model: nn.Module, config: ExecutorchExportConfig) -> bool:
+    """Make the model ready to trace: rotated and quantized when asked, delegable norms, no embedding padding_idx.
+
+    Returns whether the hidden space was rotated. padding_idx only matters for training, and it keeps
+    ExecuTorch's quant fusion from matching the dequantize+embedding pattern (the int8 table would then have
+    no kernel).
     """
     model.get_input_embeddings().padding_idx = None
+    rotated = False
+    if should_rotate(model, config):
+        untie_embeddings_(model)
+        rotated = rotate_hidden_(model)
     if config.weights == "int8":
         quantize_int8_(model)
     replace_rms_norms_(model)
-    return model
+    return rotated
 
 
 def metadata_methods(model: nn.Module, config: ExecutorchExportConfig, tokenizer) -> dict:
@@ -402,7 +420,7 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         log(f"basel-edge: exporting {ref.path} to ExecuTorch/XNNPACK ({config.weights}, max_seq_len {config.max_seq_len}, {'factorized' if factorized else 'dense'})")
         start = time.perf_counter()
-        prepare(model, config)
+        rotated = prepare(model, config)
         timings.quantize = time.perf_counter() - start
         decoder = StaticCacheDecoder(model, config.max_seq_len).eval()
         methods = metadata_methods(model, config, tokenizer)
@@ -424,6 +442,8 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
         if ref.factorized:
             (tmp / DIMENSION_FILE).write_bytes((ref.path / DIMENSION_FILE).read_bytes())
         scheme = config.scheme()
+        if rotated:
+            scheme["rotation"] = "hidden space and value heads rotated by seeded random orthogonal matrices before quantizing (basel_edge.rotation)"
         info = {
             "target": "executorch",
             "source": str(ref.path),

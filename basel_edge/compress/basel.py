@@ -71,8 +71,8 @@ class BaselConfig:
     steps: int = 160
     keep_steps: int | None = None
     prune_events: int = 4
-    lr: float = 1e-3
-    lr_add: float | None = None
+    lr: float = 1e-2
+    lr_add: float | None = 1e-3
     bsi_probes: int = 2
     bsi_eps: float = 1e-2
     finetune_steps: int = 0
