@@ -11,7 +11,10 @@ passes only `(tokens [1, T], input_pos [1])`, the signature of ExecuTorch's llam
 int8 (the default) is torchao's 8-bit dynamic activations + int8 per-channel weights ("8da8w") on every
 linear factor and the untied lm_head, and int8 per-row weights for the embedding (fused to
 `quantized_decomposed::embedding_byte`): DESIGN.md section 5; weight-only int8 lowers silently wrong in this
-version, which the logits check after export would catch.
+version, which the logits check after export would catch. Factorized checkpoints are first rotated in their
+hidden space (`basel_edge.rotation`, exact in float): per-token int8 activations of SVD-LLM factors were so
+noisy that the .pte and its eager model, which differ only in float rounding order, agreed on 0.81 of the
+top-1 tokens (issue 6).
 """
 
 from __future__ import annotations
@@ -193,12 +196,12 @@ def should_rotate(model: nn.Module, config: ExecutorchExportConfig) -> bool:
     return config.rotate
 
 
-def prepare(model: nn.Module, config: ExecutorchExportConfig) -> bool:
-    """Make the model ready to trace: rotated and quantized when asked, delegable norms, no embedding padding_idx.
+def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
+    """The model ready to trace: rotated and quantized when asked, delegable norms, no embedding padding_idx.
 
-    Returns whether the hidden space was rotated. padding_idx only matters for training, and it keeps
-    ExecuTorch's quant fusion from matching the dequantize+embedding pattern (the int8 table would then have
-    no kernel).
+    `model.basel_rotated` says whether the hidden space was rotated. padding_idx only matters for training,
+    and it keeps ExecuTorch's quant fusion from matching the dequantize+embedding pattern (the int8 table
+    would then have no kernel).
     """
     model.get_input_embeddings().padding_idx = None
     rotated = False
@@ -208,7 +211,8 @@ def prepare(model: nn.Module, config: ExecutorchExportConfig) -> bool:
     if config.weights == "int8":
         quantize_int8_(model)
     replace_rms_norms_(model)
-    return rotated
+    model.basel_rotated = rotated
+    return model
 
 
 def metadata_methods(model: nn.Module, config: ExecutorchExportConfig, tokenizer) -> dict:
@@ -420,7 +424,7 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         log(f"basel-edge: exporting {ref.path} to ExecuTorch/XNNPACK ({config.weights}, max_seq_len {config.max_seq_len}, {'factorized' if factorized else 'dense'})")
         start = time.perf_counter()
-        rotated = prepare(model, config)
+        prepare(model, config)
         timings.quantize = time.perf_counter() - start
         decoder = StaticCacheDecoder(model, config.max_seq_len).eval()
         methods = metadata_methods(model, config, tokenizer)
@@ -442,7 +446,7 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
         if ref.factorized:
             (tmp / DIMENSION_FILE).write_bytes((ref.path / DIMENSION_FILE).read_bytes())
         scheme = config.scheme()
-        if rotated:
+        if getattr(model, "basel_rotated", False):
             scheme["rotation"] = "hidden space and value heads rotated by seeded random orthogonal matrices before quantizing (basel_edge.rotation)"
         info = {
             "target": "executorch",

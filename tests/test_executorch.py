@@ -109,6 +109,8 @@ def test_output_files_and_recorded_scheme(exported, factorized):
     info = json.loads((exported["int8"] / "basel-export.json").read_text())
     assert info["source"] == str(factorized)
     assert info["scheme"]["weights"] == "int8" and "8da8w" in info["scheme"]["linear"]
+    assert "rotation" in info["scheme"]  # factorized int8: hidden space rotated before quantizing (issue 6)
+    assert "rotation" not in exported["dense-int8-info"]["scheme"] and "rotation" not in exported["fp32-info"]["scheme"]
     assert info["validation"]["ok"]
     assert ExecutorchRuntime.open(exported["int8"]).info()["weights"]["weights"] == "int8"
     assert exported["int8-info"]["bytes"] < 0.6 * exported["fp32-info"]["bytes"]
