@@ -59,7 +59,10 @@ class ExecutorchExportConfig:
     max_seq_len: int = 1024
     atol: float = 1e-3
     rtol: float = 1e-4
-    min_agreement: float = 0.90
+    # int8 vs fp32: the same floors as the ONNX export (a dropped scale or a wrong kernel gives top-1 ~0 and
+    # KL >> 1); SmolLM2 factorized by SVD-LLM (keep 0.5) measured 0.902 / KL 0.038, dense 0.927 / 0.029
+    min_agreement: float = 0.85
+    max_kl: float = 0.05
     # measured on SmolLM2-135M dense 8da8w: 0.917 top-1 vs the eager quantized model (XNNPACK's dynamic
     # quantization differs from torchao's eager reference), 0.927 vs fp32; a broken lowering scores ~0
     min_lowering_agreement: float = 0.85
@@ -75,6 +78,8 @@ class ExecutorchExportConfig:
             raise UserError(f"--weights {self.weights!r} is not an ExecuTorch weight format; choose {', '.join(WEIGHT_FORMATS)}")
         if not 16 <= self.max_seq_len <= 32768:
             raise UserError(f"--max-seq-len must be in 16..32768, got {self.max_seq_len}")
+        if self.max_kl <= 0:
+            raise UserError(f"the maximum KL must be positive, got {self.max_kl}")
         if not (0.0 < self.min_agreement <= 1.0 and 0.0 < self.min_lowering_agreement <= 1.0):
             raise UserError(f"minimum top-1 agreements must be in (0, 1], got {self.min_agreement}, {self.min_lowering_agreement}")
 
@@ -382,8 +387,10 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
         report.add(
             "top-1 agreement vs torch fp32 (int8)",
             metrics["top1_agreement"] >= config.min_agreement,
-            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement}), mean KL {metrics['mean_kl']:.2e}",
+            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement})",
         )
+        report.add("mean KL vs torch fp32 (int8)", metrics["mean_kl"] <= config.max_kl,
+                   f"{metrics['mean_kl']:.2e} (max {config.max_kl})")
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
     steps = 8
     cached = runtime.generate(prompt_ids, steps).token_ids
