@@ -2,10 +2,12 @@
 
 For each file: size, weight bytes read per decoded token, `llama-bench` pp64/tg64 at 1 and 2 threads, and
 `llama-perplexity` on held-out python-code text. For factorized files the decode speed-up over dense Q8_0 is
-compared with the ideal one (dense weight bytes / factorized weight bytes per token). Factorized checkpoints
+compared with the ideal one (dense weight bytes / factorized weight bytes per token), as the median of ratios
+measured in paired rounds (every file once per round), because a shared VM drifts by 10-15% between minutes.
+Factorized checkpoints
 (svd-llm, python-code) are made with `basel-edge compress` when missing. Writes eval/results/gguf.{json,md}.
 
-    python -m eval.bench_gguf [--keeps 0.6 0.4] [--eval-tokens 16384] [--repetitions 5]
+    python -m eval.bench_gguf [--keeps 0.6 0.4] [--eval-tokens 16384] [--repetitions 7]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -85,7 +88,7 @@ def main() -> None:
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.6, 0.4])
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--repetitions", type=int, default=7, help="paired rounds per thread count")
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-gguf")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -105,31 +108,40 @@ def main() -> None:
         export_gguf(factorized_checkpoint(keep, args.work), out, weights="q8_0", overwrite=True, progress=False)
         files.append((f"factorized Q8_0 keep {keep}", out, keep))
 
-    rows = []
-    for name, path, keep in files:
-        row = {"name": name, "file": path.name, "keep": keep, "bytes": path.stat().st_size,
-               "weight_bytes_per_token": weight_bytes_per_token(path), "speed": {}}
-        for threads in THREADS:
-            results = llama_bench(path, threads, repetitions=args.repetitions)
-            row["speed"][str(threads)] = {r.test: r.tokens_per_second for r in results}
-            row["speed"][str(threads)] |= {f"{r.test}_stddev": r.stddev for r in results}
+    # Paired rounds: every file is benchmarked once per round, back to back, and speed-ups are the median of
+    # per-round ratios, so drift of a shared machine between files cancels out.
+    rows = [{"name": name, "file": path.name, "keep": keep, "bytes": path.stat().st_size,
+             "weight_bytes_per_token": weight_bytes_per_token(path), "speed": {}, "rounds": {}} for name, path, keep in files]
+    for threads in THREADS:
+        t = str(threads)
+        for row in rows:
+            row["rounds"][t] = {"pp64": [], "tg64": []}
+        for _ in range(args.repetitions):
+            for row, (_, path, _) in zip(rows, files):
+                for r in llama_bench(path, threads, repetitions=1):
+                    row["rounds"][t][r.test].append(r.tokens_per_second)
+        for row in rows:
+            row["speed"][t] = {test: statistics.median(v) for test, v in row["rounds"][t].items()}
+    for row, (_, path, _) in zip(rows, files):
         t0 = time.perf_counter()
         row["ppl"], row["ppl_error"] = llama_perplexity(path, text_file, threads=2, ctx=args.ctx)
         row["seconds_perplexity"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
 
     base = rows[0]
     for row in rows[1:]:
         ideal = base["weight_bytes_per_token"] / row["weight_bytes_per_token"]
-        speedup = {t: row["speed"][t]["tg64"] / base["speed"][t]["tg64"] for t in map(str, THREADS)}
+        speedup = {t: statistics.median(f / d for f, d in zip(row["rounds"][t]["tg64"], base["rounds"][t]["tg64"]))
+                   for t in map(str, THREADS)}
         row["vs_dense_q8_0"] = {"ideal": ideal, "speedup": speedup,
                                 "of_ideal": {t: s / ideal for t, s in speedup.items()}}
     report = {
         "model": "SmolLM2-135M-Instruct (embedded), factorized with svd-llm on python-code (no fine-tuning)",
         "engine": f"llama.cpp vendored in llama-cpp-python {PIN} + runtimes/llama_cpp/lowrank.patch ({build_key(False)})",
         "cpu": platform.processor() or platform.machine(),
-        "llama_bench": {"tests": ["pp64", "tg64"], "threads": list(THREADS), "repetitions": args.repetitions},
+        "llama_bench": {"tests": ["pp64", "tg64"], "threads": list(THREADS), "rounds": args.repetitions,
+                        "method": "each round runs every file once (llama-bench -r 1, after its warm-up); speeds "
+                                  "are medians over rounds, speed-ups medians of per-round ratios"},
         "perplexity": {"text": "python-code validation split, at most max(ctx, tokens/32) tokens per document", "tokens": eval_tokens, "ctx": args.ctx, "threads": 2},
         "target_fraction_of_ideal": TARGET_FRACTION_OF_IDEAL,
         "rows": rows,
