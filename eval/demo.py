@@ -24,6 +24,8 @@ FILE_TARGETS = {"gguf": ".gguf"}
 # Training runs on one thread: on a shared 2-core machine two threads made a step many times slower
 # (basel_cli.py); the SVDs and the validation use --threads.
 TRAIN_THREADS = 1
+# rows of 256 tokens, as the trained methods and eval/bench_compress.py use: ~3 s per step on one core
+TRAIN_SEQ_LEN = 256
 SLOW_TARGETS = {"executorch": "its XNNPACK lowering takes several minutes on 2 cores (run the demo without --quick)"}
 
 
@@ -69,7 +71,8 @@ class DemoConfig:
         """`basel-edge finetune` options after an SVD-family compression (empty: no fine-tuning)."""
         if self.chosen_method() in ("basel", "bsi") or not self.train_steps:
             return []
-        return ["--task", "python-code", "--steps", str(self.train_steps), "--threads", str(TRAIN_THREADS)]
+        return ["--task", "python-code", "--steps", str(self.train_steps), "--seq-len", str(TRAIN_SEQ_LEN),
+                "--threads", str(TRAIN_THREADS)]
 
     def validate_args(self) -> list[str]:
         if self.quick:
