@@ -78,7 +78,7 @@ def test_basel_short_run_end_to_end(smollm2, tmp_path):
                  for m in decoder_linears(model).values())
     dense = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
     slack = sum(32 * (m.in_features + m.out_features) for m in decoder_linears(model).values())
-    assert 0.6 * dense - slack <= stored <= 0.6 * dense
+    assert abs(0.6 * dense - stored) <= slack  # uniform allocation (default) rounds ranks to the nearest multiple
     assert all(m.rank % 32 == 0 for m in decoder_linears(model).values() if isinstance(m, LowRankLinear))
     assert result.train_tokens == 4 * 128
     save_factorized(model, tmp_path / "b", path, method="basel", task="python-code")
