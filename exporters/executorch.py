@@ -42,7 +42,7 @@ from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_mode
 from basel_edge.rotation import rotate_hidden_
 
 from . import Exporter, register
-from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, greedy_by_recompute
 
 PTE_FILE = "model.pte"
 EXPORT_INFO_FILE = "basel-export.json"
@@ -374,8 +374,7 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
     metrics = compare_logits(np.concatenate(refs), np.concatenate(cands))
     report.metrics.update(metrics)
     if config.weights == "fp32":
-        bound = config.atol + config.rtol * float(np.abs(np.concatenate(refs)).max())
-        report.add("logits vs torch (fp32)", metrics["max_abs_diff"] <= bound, f"max abs diff {metrics['max_abs_diff']:.2e} (limit {bound:.2e})")
+        report.add_fp32_match(metrics, np.concatenate(refs), config.atol, config.rtol)
     else:
         lowering = compare_logits(np.concatenate(eager), np.concatenate(cands))
         report.metrics["vs_eager_int8"] = lowering
@@ -384,22 +383,12 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
             lowering["top1_agreement"] >= config.min_lowering_agreement,
             f"{lowering['top1_agreement']:.4f} (min {config.min_lowering_agreement}), max abs diff {lowering['max_abs_diff']:.2e}",
         )
-        report.add(
-            "top-1 agreement vs torch fp32 (int8)",
-            metrics["top1_agreement"] >= config.min_agreement,
-            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement})",
-        )
-        report.add("mean KL vs torch fp32 (int8)", metrics["mean_kl"] <= config.max_kl,
-                   f"{metrics['mean_kl']:.2e} (max {config.max_kl})")
+        report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
     steps = 8
     cached = runtime.generate(prompt_ids, steps).token_ids
     if config.weights == "fp32":
-        recompute, seq = [], list(prompt_ids)
-        for _ in range(steps):
-            token = int(runtime.logits(seq)[-1].argmax())
-            recompute.append(token)
-            seq.append(token)
+        recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
         report.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
     else:
         # int8 activations are quantized per call, so a one-token step and a full pass can flip near-ties:

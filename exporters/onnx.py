@@ -37,7 +37,7 @@ from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
-from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, greedy_by_recompute
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
@@ -297,27 +297,13 @@ def validate(out_dir: Path, model: nn.Module, tokenizer, config: OnnxExportConfi
     metrics = compare_logits(np.concatenate(refs), np.concatenate(cands))
     report.metrics.update(metrics)
     if config.weights == "fp32":
-        bound = config.atol + config.rtol * float(np.abs(np.concatenate(refs)).max())
-        report.add("logits vs torch (fp32)", metrics["max_abs_diff"] <= bound, f"max abs diff {metrics['max_abs_diff']:.2e} (limit {bound:.2e})")
+        report.add_fp32_match(metrics, np.concatenate(refs), config.atol, config.rtol)
     else:
-        report.add(
-            "top-1 agreement vs torch (int8)",
-            metrics["top1_agreement"] >= config.min_agreement,
-            f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {config.min_agreement})",
-        )
-        report.add(
-            "mean KL vs torch (int8)",
-            metrics["mean_kl"] <= config.max_kl,
-            f"{metrics['mean_kl']:.2e} (max {config.max_kl})",
-        )
+        report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
     steps = 8
     cached = runtime.generate(prompt_ids, steps).token_ids
-    recompute, seq = [], list(prompt_ids)
-    for _ in range(steps):
-        token = int(runtime.logits(seq)[-1].argmax())
-        recompute.append(token)
-        seq.append(token)
+    recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
     report.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
     if factorized:
         counts = factor_matmul_counts(proto, factorized)

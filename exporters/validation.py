@@ -59,3 +59,25 @@ class ValidationReport:
             "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in self.checks],
             "metrics": self.metrics,
         }
+
+    def add_fp32_match(self, metrics: dict, refs: np.ndarray, atol: float, rtol: float) -> None:
+        """fp32 export: max abs logit difference within atol + rtol·max|reference|."""
+        bound = atol + rtol * float(np.abs(refs).max())
+        self.add("logits vs torch (fp32)", metrics["max_abs_diff"] <= bound,
+                 f"max abs diff {metrics['max_abs_diff']:.2e} (limit {bound:.2e})")
+
+    def add_int8_floors(self, metrics: dict, min_agreement: float, max_kl: float) -> None:
+        """int8 export vs the fp32 model: top-1 agreement and mean KL floors (the same for every target)."""
+        self.add("top-1 agreement vs torch fp32 (int8)", metrics["top1_agreement"] >= min_agreement,
+                 f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {min_agreement})")
+        self.add("mean KL vs torch fp32 (int8)", metrics["mean_kl"] <= max_kl, f"{metrics['mean_kl']:.2e} (max {max_kl})")
+
+
+def greedy_by_recompute(logits_of, prompt_ids: list[int], steps: int) -> list[int]:
+    """`steps` greedy tokens, each from a full forward pass over the whole sequence (no KV cache)."""
+    seq, out = list(prompt_ids), []
+    for _ in range(steps):
+        token = int(logits_of(seq)[-1].argmax())
+        out.append(token)
+        seq.append(token)
+    return out
