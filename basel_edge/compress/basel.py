@@ -395,9 +395,9 @@ def uniform_budget_masks(
         order = _ranked(importance[n], mask)
         current = len(order)
         goal = current if final[n] is None else max(1, min(current, final[n] - r_add))
-        k = goal if events_left <= 1 else round(current * (goal / current) ** (1.0 / events_left))
+        k = round(current * (goal / current) ** (1.0 / max(events_left, 1)))  # = goal at the last event
         new = torch.zeros_like(mask)
-        new[order[: max(goal, min(current, k))]] = 1.0
+        new[order[: max(goal, k)]] = 1.0
         out[n] = new
     return out
 
