@@ -12,6 +12,7 @@ from basel_edge.compress.basel import (
     BaselLinear,
     basel_layers,
     bsi_importance,
+    fisher_importance,
     refactor,
     run_basel,
     to_basel,
@@ -194,13 +195,20 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tiny_llama, blocks, tmp
         run_basel(load_dense(tiny_llama), blocks, _cfg(lr=2e-2), loop, progress=False)
 
 
-def test_bsi_scores_track_the_measured_loss_increase(tiny_llama, blocks):
+@pytest.mark.parametrize("hessian", ["hutchinson", "fisher"])
+def test_bsi_scores_track_the_measured_loss_increase(tiny_llama, blocks, hessian):
+    """Hutchinson probes one matrix (probing all at once is cross-term noise on real models); the Fisher
+    estimate is taken for every matrix at once, as the pruner does."""
     model = load_dense(tiny_llama)
     layers = to_basel(model, _cfg(), None, torch.device("cpu"), progress=False)
     name = "model.layers.1.mlp.down_proj"
     rows = torch.arange(4)
-    scores = bsi_importance(model, {name: layers[name]}, blocks, rows, probes=8, eps=1e-3,
-                            generator=torch.Generator().manual_seed(0))[name]
+    if hessian == "hutchinson":
+        scores = bsi_importance(model, {name: layers[name]}, blocks, rows, probes=8, eps=1e-3,
+                                generator=torch.Generator().manual_seed(0))[name]
+    else:
+        scores = fisher_importance(model, layers, blocks, [rows])[name]
+        assert all(m.fisher is None for m in layers.values())
     ids, labels = blocks.input_ids[rows], blocks.labels[rows]
     model.eval()
     with torch.no_grad():
@@ -220,7 +228,7 @@ def test_bsi_scores_track_the_measured_loss_increase(tiny_llama, blocks):
 
 def test_bad_configs_are_user_errors():
     for bad in (dict(keep=0), dict(mode="x"), dict(basis="basel"), dict(prune_events=20), dict(keep_steps=12),
-                dict(lr=0.0), dict(importance="x"), dict(allocation="x")):
+                dict(lr=0.0), dict(importance="x"), dict(allocation="x"), dict(bsi_hessian="x")):
         with pytest.raises(UserError):
             _cfg(**bad)
     with pytest.raises(UserError, match="needs calibration"):
