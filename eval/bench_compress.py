@@ -53,16 +53,17 @@ def by_length(blocks: TokenBlocks) -> TokenBlocks:
 
 def markdown(report: dict) -> str:
     keeps = report["keeps"]
-    head = "| method | keep | decoder params kept | python-code ppl | humaneval ppl | train tokens | wall (s) | peak RSS (MiB) |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| method | options | keep | decoder params kept | python-code ppl | humaneval ppl | train tokens | "
+            "wall (s) | peak RSS (MiB) |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     d = report["dense"]
-    lines.append(f"| dense | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – |")
+    lines.append(f"| dense | – | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – |")
     for keep in keeps:
         for r in report["rows"]:
             if r["keep"] != keep:
                 continue
             lines.append(
-                f"| {r['method']} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
+                f"| {r['method']} | {r.get('options') or '–'} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
                 f"{r['train_tokens']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines)
@@ -141,6 +142,7 @@ def main() -> None:
     for keep in args.keeps:
         for method in labels:
             out = args.work / f"{method}-{keep}"
+            options = ""
             if method == "svd-llm":
                 run = run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(out), *common])
                 train_tokens = 0
@@ -155,8 +157,10 @@ def main() -> None:
                     run["seconds"] = round(run["seconds"] + prior["seconds"], 1)
                     run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
                 train_tokens = tokens
+                options = f"svd-llm, then finetune {args.steps} steps"
             else:
                 name, *extra = variants[method]
+                options = " ".join([name, *extra])
                 part1 = trained
                 if "--finetune-steps" in extra:
                     ft = int(extra[extra.index("--finetune-steps") + 1])
@@ -168,7 +172,7 @@ def main() -> None:
             py, he = score(out)
             row = {
                 "method": method, "keep": keep, "kept": dims["params"]["factorized"] / dims["params"]["dense"],
-                "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens, **run,
+                "options": options, "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens, **run,
             }
             row.pop("stdout")
             report["rows"].append(row)
