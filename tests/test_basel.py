@@ -209,6 +209,9 @@ def test_bsi_scores_track_the_measured_loss_increase(tiny_llama, blocks, hessian
     else:
         scores = fisher_importance(model, layers, blocks, [rows])[name]
         assert all(m.fisher is None for m in layers.values())
+        # without the gradient term the score is ½ H_ii c_i², never negative
+        second = fisher_importance(model, layers, blocks, [rows], first_order=False)
+        assert all(bool((v >= 0).all()) for v in second.values()) and not torch.equal(second[name], scores)
     ids, labels = blocks.input_ids[rows], blocks.labels[rows]
     model.eval()
     with torch.no_grad():

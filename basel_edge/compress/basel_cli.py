@@ -44,6 +44,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="bsi: diag(H) from the empirical Fisher of per-position gradients (default) or from "
                         "symmetric Hutchinson probes of all coefficients (noisy on real models, README)")
     g.add_argument("--bsi-probes", type=int, default=4, help="bsi: batches (Fisher) or probes (Hutchinson) per event")
+    g.add_argument("--bsi-first-order", action=argparse.BooleanOptionalAction, default=False,
+                   help="bsi: include the gradient term -g_i c_i of the loss-increase estimate (off: measured "
+                        "worse, README)")
     g.add_argument("--finetune-steps", type=int, default=0, help="part 2: fine-tune both factors afterwards")
     g.add_argument("--finetune-lr", type=float, default=1e-4)
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
@@ -80,7 +83,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
         keep=args.keep, mode=args.prune_mode, mass=args.mass, allocation=args.allocation, importance=method.importance, basis=args.basis,
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
         prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-        bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes,
+        bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
     )
     ckpt_dir = default_checkpoint_dir(args.output)
     loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
