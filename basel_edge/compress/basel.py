@@ -250,6 +250,11 @@ def coefficient_importance(layers: dict[str, BaselLinear]) -> dict[str, torch.Te
     return {n: m.coefficients().detach().float().cpu() for n, m in layers.items()}
 
 
+def _loss_increase(g: torch.Tensor, h: torch.Tensor, c: torch.Tensor, first_order: bool) -> torch.Tensor:
+    """ΔL_i ≈ -g_i c_i + ½ H_ii c_i² (the second term alone without `first_order`), on the CPU."""
+    return ((-g * c if first_order else 0.0) + 0.5 * h * c * c).cpu()
+
+
 def bsi_importance(
     model: nn.Module,
     layers: dict[str, BaselLinear],
@@ -291,11 +296,7 @@ def bsi_importance(
             m.probe = None
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    out = {}
-    for n, c in base.items():
-        g, h = g_sum[n] / probes, h_sum[n] / probes
-        out[n] = ((-g * c if first_order else 0.0) + 0.5 * h * c * c).cpu()
-    return out
+    return {n: _loss_increase(g_sum[n] / probes, h_sum[n] / probes, c, first_order) for n, c in base.items()}
 
 
 def fisher_importance(
@@ -329,12 +330,8 @@ def fisher_importance(
         for m in layers.values():
             m.fisher = None
         model.train(was_training)
-    out = {}
-    for n, m in layers.items():
-        c = m.w.detach().float().square()
-        g, h = g_sum[n] / len(batches), h_sum[n] / len(batches)
-        out[n] = ((-g * c if first_order else 0.0) + 0.5 * h * c * c).cpu()
-    return out
+    return {n: _loss_increase(g_sum[n] / len(batches), h_sum[n] / len(batches), m.w.detach().float().square(),
+                              first_order) for n, m in layers.items()}
 
 
 # ---- pruning ---------------------------------------------------------------------------------------------
