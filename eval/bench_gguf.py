@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from pathlib import Path
 from basel_edge.cache import cache_dir
 from basel_edge.data import load_task
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from eval.harness import cpu_model
 from exporters.gguf import export_gguf
 from runtimes.llama_cpp.build import PIN, build_key
 from runtimes.llama_cpp.tools import llama_bench, llama_perplexity, llama_quantize
@@ -69,13 +70,14 @@ def factorized_checkpoint(keep: float, work: Path) -> Path:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | MiB | weight MiB/token | ppl | pp64 t/s 1T | tg64 t/s 1T | pp64 t/s 2T | tg64 t/s 2T "
-            "| tg speed-up 1T / 2T | ideal | of ideal 1T / 2T |")
+            "| tg speed-up 1T / 2T | ideal | of ideal 1T / 2T [min–max of rounds] |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["speed"]
         rel = r.get("vs_dense_q8_0")
         extra = (f"{rel['speedup']['1']:.2f}× / {rel['speedup']['2']:.2f}× | {rel['ideal']:.2f}× | "
-                 f"{rel['of_ideal']['1']:.2f} / {rel['of_ideal']['2']:.2f}") if rel else "– | – | –"
+                 + " / ".join(f"{rel['of_ideal'][t]:.2f} [{lo:.2f}–{hi:.2f}]"
+                              for t, (lo, hi) in rel['of_ideal_range'].items())) if rel else "– | – | –"
         lines.append(
             f"| {r['name']} | {r['bytes'] / 2**20:.1f} | {r['weight_bytes_per_token'] / 2**20:.1f} | {r['ppl']:.3f} "
             f"| {s['1']['pp64']:.0f} | {s['1']['tg64']:.1f} | {s['2']['pp64']:.0f} | {s['2']['tg64']:.1f} | {extra} |"
@@ -131,14 +133,17 @@ def main() -> None:
     base = rows[0]
     for row in rows[1:]:
         ideal = base["weight_bytes_per_token"] / row["weight_bytes_per_token"]
-        speedup = {t: statistics.median(f / d for f, d in zip(row["rounds"][t]["tg64"], base["rounds"][t]["tg64"]))
-                   for t in map(str, THREADS)}
+        ratios = {t: [f / d for f, d in zip(row["rounds"][t]["tg64"], base["rounds"][t]["tg64"])]
+                  for t in map(str, THREADS)}
+        speedup = {t: statistics.median(r) for t, r in ratios.items()}
         row["vs_dense_q8_0"] = {"ideal": ideal, "speedup": speedup,
-                                "of_ideal": {t: s / ideal for t, s in speedup.items()}}
+                                "of_ideal": {t: s / ideal for t, s in speedup.items()},
+                                "of_ideal_range": {t: (min(r) / ideal, max(r) / ideal) for t, r in ratios.items()}}
     report = {
         "model": "SmolLM2-135M-Instruct (embedded), factorized with svd-llm on python-code (no fine-tuning)",
         "engine": f"llama.cpp vendored in llama-cpp-python {PIN} + runtimes/llama_cpp/lowrank.patch ({build_key(False)})",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "llama_bench": {"tests": ["pp64", "tg64"], "threads": list(THREADS), "rounds": args.repetitions,
                         "method": "each round runs every file once (llama-bench -r 1, after its warm-up); speeds "
                                   "are medians over rounds, speed-ups medians of per-round ratios"},
