@@ -1,6 +1,11 @@
-"""Slow GGUF tests on SmolLM2-135M: factorized (keep 0.5) and dense Q8_0 files generate text in llama.cpp."""
+"""Slow GGUF tests on SmolLM2-135M: factorized (keep 0.5) and dense Q8_0 files generate text in llama.cpp, and
+an unpatched llama.cpp of the same pin runs the dense-layout files exactly as the patched one and refuses the
+factorized file with its own missing-tensor error."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve
 from exporters.gguf import export_gguf
 from exporters.gguf_format import read_summary
 from runtimes.llama_cpp import patched_binding_installed
+from runtimes.llama_cpp.build import build_stock_tool
+from runtimes.llama_cpp.tools import tool
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,3 +79,37 @@ def test_smollm2_tokenizer_round_trips_like_hf(smollm2_files):
             assert llm.detokenize(ids, special=True).decode() == hf.decode(ids), text
     finally:
         llm.close()
+
+
+@pytest.fixture(scope="module")
+def stock_completion() -> Path:
+    """llama.cpp's own llama-completion of the pinned version, without the low-rank patch (built once, ~4 min)."""
+    return build_stock_tool()
+
+
+def _complete(binary: Path, gguf_file: Path) -> subprocess.CompletedProcess:
+    """Greedy continuation of PROMPT, one thread, so two builds of the same arithmetic print the same text."""
+    return subprocess.run(
+        [str(binary), "-m", str(gguf_file), "-p", PROMPT, "-n", "16", "--temp", "0", "-t", "1", "-no-cnv",
+         "--simple-io"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_stock_llama_cpp_runs_dense_layouts_as_the_patched_build_does(smollm2_files, stock_completion, tmp_path):
+    _, factorized, dense = smollm2_files
+    merged = tmp_path / "half-dense-q8_0.gguf"
+    export_gguf(factorized.parent / "half", merged, layout="dense", progress=False)
+    for gguf_file in (dense, merged):
+        stock, patched = _complete(stock_completion, gguf_file), _complete(tool("llama-completion"), gguf_file)
+        assert stock.returncode == 0, f"stock llama.cpp failed on {gguf_file.name}: {stock.stderr[-500:]}"
+        assert stock.stdout.startswith(PROMPT) and len(stock.stdout) > len(PROMPT) + 8, stock.stdout
+        assert stock.stdout == patched.stdout, f"{gguf_file.name}: the low-rank patch changed a dense model's output"
+
+
+def test_stock_llama_cpp_refuses_a_factorized_file_with_its_own_error(smollm2_files, stock_completion):
+    _, factorized, _ = smollm2_files
+    stock = _complete(stock_completion, factorized)
+    assert stock.returncode != 0
+    assert "tensor 'blk.0.attn_q.weight' not found" in stock.stderr, stock.stderr[-800:]
+    assert _complete(tool("llama-completion"), factorized).returncode == 0

@@ -5,6 +5,8 @@ applies `lowrank.patch` to its vendored llama.cpp, builds the CLI tools (`llama-
 `llama-perplexity`, `llama-quantize`) with CMake into the basel-edge cache, builds the patched llama-cpp-python
 wheel into the same cache and pip-installs it into the running environment. Everything is keyed by pin + patch (+ CUDA flag): a second run
 with the same key does nothing, a changed patch rebuilds. `--cuda` builds the CUDA backend (needs nvcc).
+`--stock` builds only an unpatched `llama-completion` of the same pin (cached too): what a user's stock llama.cpp
+does with basel-edge's files, checked by the slow tests.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SDIST_NAME = f"llama_cpp_python-{PIN}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH = Path(__file__).with_name("lowrank.patch")
 TOOLS = ("llama-completion", "llama-bench", "llama-perplexity", "llama-quantize")
+STOCK_TOOL = "llama-completion"
 # GGML_NATIVE: this machine's SIMD; LLAVA_BUILD off: no multimodal library (not used, minutes of build).
 BASE_CMAKE_ARGS = ("-DGGML_NATIVE=ON", "-DLLAVA_BUILD=OFF")
 CUDA_CMAKE_ARGS = ("-DGGML_CUDA=ON",)
@@ -101,8 +104,13 @@ def fetch_sdist() -> Path:
     return target
 
 
-def patched_source(root: Path) -> Path:
-    """The sdist unpacked under `root/src` with the low-rank patch applied (done once per key)."""
+def stock_root() -> Path:
+    """Cache folder of the unpatched build of the same pin: `<cache>/llama_cpp/<pin>-stock`."""
+    return cache_dir() / "llama_cpp" / f"{PIN}-stock"
+
+
+def source_tree(root: Path, patch: bool = True) -> Path:
+    """The sdist unpacked under `root/src` with the low-rank patch applied, unless `patch` is False (once per root)."""
     src = root / "src"
     done = root / "src.ok"
     if done.is_file():
@@ -115,7 +123,8 @@ def patched_source(root: Path) -> Path:
         tar.extractall(tmp, filter="tar")
     (tmp / f"llama_cpp_python-{PIN}").rename(src)
     tmp.rmdir()
-    _run(["patch", "-p1", "--forward", "--batch", "-i", str(PATCH)], cwd=src / "vendor" / "llama.cpp")
+    if patch:
+        _run(["patch", "-p1", "--forward", "--batch", "-i", str(PATCH)], cwd=src / "vendor" / "llama.cpp")
     done.touch()
     return src
 
@@ -126,19 +135,30 @@ def build_tools(cuda: bool = False, jobs: int | None = None) -> Path:
     if tools_built(cuda):
         print(f"llama.cpp tools up to date in {tools_dir(cuda)}")
         return tools_dir(cuda)
-    src = patched_source(root)
-    build = root / "build"
+    _cmake_tools(source_tree(root), root / "build", TOOLS, tools_dir(cuda), cuda, jobs)
+    return tools_dir(cuda)
+
+
+def build_stock_tool(jobs: int | None = None) -> Path:
+    """The unpatched `llama-completion` of the pinned sdist (CPU), built once; returns its path."""
+    root = stock_root()
+    tool = root / "bin" / STOCK_TOOL
+    if tool.is_file():
+        return tool
+    _cmake_tools(source_tree(root, patch=False), root / "build", (STOCK_TOOL,), root / "bin", False, jobs)
+    return tool
+
+
+def _cmake_tools(src: Path, build: Path, tools: tuple[str, ...], out: Path, cuda: bool, jobs: int | None) -> None:
     start = time.monotonic()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     args = [*BASE_CMAKE_ARGS, *TOOLS_CMAKE_ARGS, *(CUDA_CMAKE_ARGS if cuda else ())]
     _run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *generator, *args])
-    _run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 1)])
-    out = tools_dir(cuda)
+    _run(["cmake", "--build", str(build), "--target", *tools, "-j", str(jobs or os.cpu_count() or 1)])
     out.mkdir(parents=True, exist_ok=True)
-    for tool in TOOLS:
+    for tool in tools:
         shutil.copy2(build / "bin" / tool, out / tool)
-    print(f"built llama.cpp tools in {time.monotonic() - start:.0f} s -> {out}")
-    return out
+    print(f"built {', '.join(tools)} in {time.monotonic() - start:.0f} s -> {out}")
 
 
 def installed_key() -> str | None:
@@ -161,7 +181,7 @@ def python_wheel(cuda: bool = False, jobs: int | None = None) -> Path:
     wheels = sorted((root / "wheel").glob("llama_cpp_python-*.whl"))
     if wheels:
         return wheels[-1]
-    src = patched_source(root)
+    src = source_tree(root)
     env = dict(os.environ)
     env["CMAKE_ARGS"] = " ".join([*BASE_CMAKE_ARGS, *(CUDA_CMAKE_ARGS if cuda else ())])
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 1)
@@ -198,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     parser.add_argument("--skip-tools", action="store_true", help="only the Python binding")
     parser.add_argument("--skip-python", action="store_true", help="only the CLI tools")
+    parser.add_argument("--stock", action="store_true",
+                        help=f"only an unpatched {STOCK_TOOL} of the same pin (what stock llama.cpp makes of a file)")
     args = parser.parse_args(argv)
     try:
+        if args.stock:
+            print(f"stock {STOCK_TOOL}: {build_stock_tool(args.jobs)}")
+            return 0
         if not args.skip_tools:
             build_tools(args.cuda, args.jobs)
         if not args.skip_python:
