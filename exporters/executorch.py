@@ -42,7 +42,7 @@ from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_mode
 from basel_edge.rotation import rotate_hidden_
 
 from . import Exporter, register
-from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, greedy_by_recompute
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement, greedy_by_recompute
 
 PTE_FILE = "model.pte"
 EXPORT_INFO_FILE = "basel-export.json"
@@ -63,9 +63,13 @@ class ExecutorchExportConfig:
     # KL >> 1); SmolLM2 factorized by SVD-LLM (keep 0.5) measured 0.902 / KL 0.038, dense 0.927 / 0.029
     min_agreement: float = 0.85
     max_kl: float = 0.05
-    # measured on SmolLM2-135M dense 8da8w: 0.917 top-1 vs the eager quantized model (XNNPACK's dynamic
-    # quantization differs from torchao's eager reference), 0.927 vs fp32; a broken lowering scores ~0
-    min_lowering_agreement: float = 0.85
+    # lowering: top-1 agreement with the eager quantized model over the positions it decides by ≥
+    # lowering_margin nats. Over all positions it is noise on a noisy int8 model: SmolLM2 SVD-LLM keep 0.5
+    # (2,048 calibration tokens) scored 0.878 or 0.849 against the same .pte, with eager torch on 2 threads in
+    # two processes; every disagreement was at a margin below 0.6, and over margins ≥ 0.5 it scored 0.992.
+    # A broken lowering (weight-only int8, scale dropped) scores ~0.
+    min_lowering_agreement: float = 0.95
+    lowering_margin: float = 0.5
     min_kv_agreement: float = 0.75
     # int8: rotate the hidden space before quantizing (basel_edge.rotation); None = factorized checkpoints only.
     # SVD-LLM keep 0.5 SmolLM2 without it: eager 8da8w top-1 0.81 vs fp32, and the .pte 0.81 vs its own eager
@@ -80,6 +84,8 @@ class ExecutorchExportConfig:
             raise UserError(f"--max-seq-len must be in 16..32768, got {self.max_seq_len}")
         if self.max_kl <= 0:
             raise UserError(f"the maximum KL must be positive, got {self.max_kl}")
+        if self.lowering_margin < 0:
+            raise UserError(f"the lowering margin must be non-negative, got {self.lowering_margin}")
         if not (0.0 < self.min_agreement <= 1.0 and 0.0 < self.min_lowering_agreement <= 1.0):
             raise UserError(f"minimum top-1 agreements must be in (0, 1], got {self.min_agreement}, {self.min_lowering_agreement}")
 
@@ -377,11 +383,15 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
         report.add_fp32_match(metrics, np.concatenate(refs), config.atol, config.rtol)
     else:
         lowering = compare_logits(np.concatenate(eager), np.concatenate(cands))
+        decided = decided_agreement(np.concatenate(eager), np.concatenate(cands), config.lowering_margin)
+        lowering["decided"] = decided
         report.metrics["vs_eager_int8"] = lowering
         report.add(
             "top-1 agreement vs eager int8 (lowering)",
-            lowering["top1_agreement"] >= config.min_lowering_agreement,
-            f"{lowering['top1_agreement']:.4f} (min {config.min_lowering_agreement}), max abs diff {lowering['max_abs_diff']:.2e}",
+            decided["positions"] > 0 and decided["top1_agreement"] >= config.min_lowering_agreement,
+            f"{decided['top1_agreement']:.4f} over the {decided['positions']} positions eager int8 decides by "
+            f"≥ {config.lowering_margin} nats (min {config.min_lowering_agreement}); all {lowering['positions']}: "
+            f"{lowering['top1_agreement']:.4f}, max abs diff {lowering['max_abs_diff']:.2e}",
         )
         report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]

@@ -36,6 +36,22 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
+def decided_agreement(reference: np.ndarray, candidate: np.ndarray, margin: float) -> dict:
+    """Top-1 agreement over the positions where the reference's top-1 log-prob leads its runner-up by ≥ margin.
+
+    Two runs of one int8 model that differ only in float rounding order (another kernel, another thread count)
+    flip near-ties; a lowering that computes something else flips decided positions too.
+    """
+    top2 = np.sort(log_softmax(reference), axis=-1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) >= margin
+    agree = reference.argmax(-1) == candidate.argmax(-1)
+    return {
+        "margin": margin,
+        "positions": int(decided.sum()),
+        "top1_agreement": float(agree[decided].mean()) if decided.any() else 0.0,
+    }
+
+
 @dataclass
 class ValidationReport:
     """Named checks with pass/fail and the numbers behind them."""
