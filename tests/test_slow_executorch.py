@@ -43,7 +43,6 @@ def test_int8_export_loads_and_generates(smollm2, tmp_path, which):
           f"{metrics['vs_eager_int8']['top1_agreement']:.3f} vs eager int8, "
           f"{info['export_seconds']} s {info['timings']}")
     assert info["bytes"] < 0.5 * sum(f.stat().st_size for f in dense.glob("*.safetensors"))
-    assert info["export_seconds"] < 600
     for device in ("cpu", "mobile"):
         rt = ExecutorchRuntime.open(tmp_path / "pte", device)
         prompt = tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]
