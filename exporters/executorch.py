@@ -42,7 +42,7 @@ from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_mode
 from basel_edge.rotation import rotate_hidden_
 
 from . import Exporter, register
-from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement, greedy_by_recompute
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement
 
 PTE_FILE = "model.pte"
 EXPORT_INFO_FILE = "basel-export.json"
@@ -88,6 +88,8 @@ class ExecutorchExportConfig:
             raise UserError(f"the lowering margin must be non-negative, got {self.lowering_margin}")
         if not (0.0 < self.min_agreement <= 1.0 and 0.0 < self.min_lowering_agreement <= 1.0):
             raise UserError(f"minimum top-1 agreements must be in (0, 1], got {self.min_agreement}, {self.min_lowering_agreement}")
+        if not 0.0 < self.min_kv_agreement <= 1.0:
+            raise UserError(f"minimum KV-cache agreement must be in (0, 1], got {self.min_kv_agreement}")
 
     def scheme(self) -> dict:
         """What is written into the export's metadata."""
@@ -395,18 +397,7 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
         )
         report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
-    steps = 8
-    cached = runtime.generate(prompt_ids, steps).token_ids
-    if config.weights == "fp32":
-        recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
-        report.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
-    else:
-        # int8 activations are quantized per call, so a one-token step and a full pass can flip near-ties:
-        # score the cached tokens against one full pass over the same sequence (teacher forcing)
-        full = runtime.logits(list(prompt_ids) + cached[:-1])[len(prompt_ids) - 1 :].argmax(-1)
-        agree = float(np.mean(full == np.asarray(cached)))
-        report.metrics["kv_cache_agreement"] = agree
-        report.add("KV-cache decode vs full recompute (int8)", agree >= config.min_kv_agreement, f"{agree:.3f} of {steps} tokens (min {config.min_kv_agreement})")
+    report.add_kv_cache_check(runtime, prompt_ids, 8, config.weights == "fp32", config.min_kv_agreement)
     report.add("every linear in an XNNPACK delegate", sum(outside.values()) == 0, f"{sum(inside.values())} delegated, {sum(outside.values())} outside")
     if factorized:
         counts = factor_matmul_counts(inside, factorized)

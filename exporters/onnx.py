@@ -37,7 +37,7 @@ from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
 from . import Exporter, register
-from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, greedy_by_recompute
+from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
@@ -62,11 +62,17 @@ class OnnxExportConfig:
     rtol: float = 1e-4
     min_agreement: float = 0.85
     max_kl: float = 0.05
+    # int8 (accuracy_level 4 quantizes activations per call): cached decode vs one teacher-forced full pass.
+    # SmolLM2 SVD-LLM keep 0.5 + 120 fine-tuning steps flipped one of 8 exact-recompute tokens at a 0.10-nat
+    # margin on an Intel Xeon VM (0.875 teacher-forced); a broken cache disagrees on most tokens
+    min_kv_agreement: float = 0.75
     validate: bool = True
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
             raise UserError(f"--weights {self.weights!r} is not an ONNX weight format; choose {', '.join(WEIGHT_FORMATS)}")
+        if not 0.0 < self.min_kv_agreement <= 1.0:
+            raise UserError(f"minimum KV-cache agreement must be in (0, 1], got {self.min_kv_agreement}")
         if not 18 <= self.opset <= 23:
             raise UserError(f"--opset must be in 18..23 for torch's dynamo exporter and onnxruntime 1.32, got {self.opset}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -301,10 +307,7 @@ def validate(out_dir: Path, model: nn.Module, tokenizer, config: OnnxExportConfi
     else:
         report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
-    steps = 8
-    cached = runtime.generate(prompt_ids, steps).token_ids
-    recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
-    report.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
+    report.add_kv_cache_check(runtime, prompt_ids, 8, config.weights == "fp32", config.min_kv_agreement)
     if factorized:
         counts = factor_matmul_counts(proto, factorized)
         good = sum(1 for a, b in counts.values() if a == 1 and b == 1)

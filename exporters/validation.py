@@ -82,6 +82,25 @@ class ValidationReport:
         self.add("logits vs torch (fp32)", metrics["max_abs_diff"] <= bound,
                  f"max abs diff {metrics['max_abs_diff']:.2e} (limit {bound:.2e})")
 
+    def add_kv_cache_check(self, runtime, prompt_ids: list[int], steps: int, exact: bool, min_agreement: float) -> None:
+        """Greedy decode with the KV cache vs full passes without it (`runtime`: `.generate` and `.logits`).
+
+        exact (fp32): the cached tokens equal `steps` greedy tokens recomputed from scratch. With int8
+        activations quantized per call, a one-token step and a full pass round differently and flip near-ties,
+        and one flip changes every later token; so the cached tokens are scored against one full pass over the
+        same sequence (teacher forcing). A broken cache (stale keys, wrong positions) disagrees on most tokens.
+        """
+        cached = runtime.generate(prompt_ids, steps).token_ids
+        if exact:
+            recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
+            self.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
+            return
+        full = np.asarray(runtime.logits(list(prompt_ids) + list(cached[:-1])))[len(prompt_ids) - 1 :].argmax(-1)
+        agree = float(np.mean(full == np.asarray(cached)))
+        self.metrics["kv_cache_agreement"] = agree
+        self.add("KV-cache decode vs full recompute (int8)", agree >= min_agreement,
+                 f"{agree:.3f} of {steps} tokens (min {min_agreement})")
+
     def add_int8_floors(self, metrics: dict, min_agreement: float, max_kl: float) -> None:
         """int8 export vs the fp32 model: top-1 agreement and mean KL floors (the same for every target)."""
         self.add("top-1 agreement vs torch fp32 (int8)", metrics["top1_agreement"] >= min_agreement,

@@ -224,14 +224,3 @@ def test_weight_only_int8_lowering_is_caught(factorized, tmp_path, monkeypatch):
         export_executorch(factorized, tmp_path / "out", ExecutorchExportConfig(weights="int8", max_seq_len=64), log=lines.append)
     assert any("✗" in line and "lowering" in line for line in lines), lines
     assert list(tmp_path.iterdir()) == []
-
-
-def test_decided_agreement_ignores_near_ties_and_counts_decided_flips():
-    from exporters.validation import decided_agreement
-
-    reference = np.array([[2.0, 1.98, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 1.0], [1.0, 1.1, 0.0]])
-    near_ties_flipped = np.array([[1.98, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 1.0], [1.1, 1.0, 0.0]])
-    decided_flipped = np.array([[2.0, 1.98, 0.0], [0.0, 3.0, 0.0], [0.0, 4.0, 1.0], [1.0, 1.1, 0.0]])
-    assert decided_agreement(reference, near_ties_flipped, 0.5) == {"margin": 0.5, "positions": 2, "top1_agreement": 1.0}
-    assert decided_agreement(reference, decided_flipped, 0.5)["top1_agreement"] == 0.5
-    assert decided_agreement(reference, near_ties_flipped, 0.0)["top1_agreement"] == 0.5
