@@ -379,13 +379,15 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
                     eager.append(decoder(torch.tensor([ids]), torch.tensor([0]))[0].float().numpy())
         cands.append(runtime.logits(ids))
     report.add("logits shape", all(r.shape == c.shape for r, c in zip(refs, cands)), f"[T, {reference.config.vocab_size}]")
-    metrics = compare_logits(np.concatenate(refs), np.concatenate(cands))
+    refs, cands = np.concatenate(refs), np.concatenate(cands)
+    metrics = compare_logits(refs, cands)
     report.metrics.update(metrics)
     if config.weights == "fp32":
-        report.add_fp32_match(metrics, np.concatenate(refs), config.atol, config.rtol)
+        report.add_fp32_match(metrics, refs, config.atol, config.rtol)
     else:
-        lowering = compare_logits(np.concatenate(eager), np.concatenate(cands))
-        decided = decided_agreement(np.concatenate(eager), np.concatenate(cands), config.lowering_margin)
+        eager = np.concatenate(eager)
+        lowering = compare_logits(eager, cands)
+        decided = decided_agreement(eager, cands, config.lowering_margin)
         lowering["decided"] = decided
         report.metrics["vs_eager_int8"] = lowering
         report.add(

@@ -95,7 +95,7 @@ class ValidationReport:
             recompute = greedy_by_recompute(runtime.logits, prompt_ids, steps)
             self.add("KV-cache decode = full recompute", cached == recompute, f"{steps} greedy tokens")
             return
-        full = np.asarray(runtime.logits(list(prompt_ids) + list(cached[:-1])))[len(prompt_ids) - 1 :].argmax(-1)
+        full = runtime.logits(list(prompt_ids) + cached[:-1])[len(prompt_ids) - 1 :].argmax(-1)
         agree = float(np.mean(full == np.asarray(cached)))
         self.metrics["kv_cache_agreement"] = agree
         self.add("KV-cache decode vs full recompute (int8)", agree >= min_agreement,
