@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from basel_edge.errors import UserError
 from exporters.validation import compare_logits
+from runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
 
 from .artifacts import Artifact, parse_artifact
 
@@ -116,14 +117,13 @@ def _run_worker(spec: dict, workdir: Path, timeout: int) -> tuple[dict, list[str
     result_file = workdir / f"{spec['job']}.result.json"
     spec_file.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "eval.worker", str(spec_file), str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    env = {**os.environ, **NO_BACKTRACE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parent.parent)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "error": f"timed out after {timeout} s"}, cmd
     if proc.returncode != 0 or not result_file.is_file():
-        tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-3:]
-        return {"status": "failed", "error": f"exit {proc.returncode}: " + " | ".join(tail)}, cmd
+        return {"status": "failed", "error": engine_error_line(proc.stderr, proc.returncode)}, cmd
     return json.loads(result_file.read_text()), cmd
 
 

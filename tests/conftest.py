@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama model with a small byte-level BPE tokenizer, built offline."""
+"""Shared fixtures: a tiny random Llama model with a small byte-level BPE tokenizer (basel_edge.tiny), built offline."""
 
 from __future__ import annotations
 
@@ -8,55 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-
-def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = [(stdlib / name).read_text(encoding="utf-8") for name in ("json/encoder.py", "textwrap.py")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
+from basel_edge.tiny import make_tiny_llama
 
 
-def make_tiny_llama(path: Path, tie: bool = True, seed: int = 0, hidden: int = 64, intermediate: int = 160) -> Path:
-    """Save a 2-layer random Llama (hidden 64, MLP 160, GQA 4/2 heads) and its tokenizer to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_tokenizer_in_child(path: str, texts: list[str], id_lists: list[list[int]]) -> tuple[list, list]:
+    """llama.cpp's token ids of each text and its text of each id list (vocab-only load); for run_isolated."""
+    import llama_cpp
 
-    tokenizer = _train_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Random init gives near-uniform logits; widen the weights so top-1 and perplexity comparisons mean something.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    try:
+        tokenized = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
+        return tokenized, [llm.detokenize(ids, special=True).decode() for ids in id_lists]
+    finally:
+        llm.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""GGUF export (exporters/gguf.py) and the low-rank llama.cpp runtime (runtimes/llama_cpp) on tiny models."""
+"""GGUF export (exporters/gguf.py) and the low-rank llama.cpp runtime (runtimes/llama_cpp) on tiny models.
+
+llama.cpp runs only in child processes (runtimes.isolation.run_isolated): a native abort fails one test with
+llama.cpp's own message instead of killing pytest.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import llama_tokenizer_in_child, make_tiny_llama
 
 from basel_edge.checkpoint import load_model, save_factorized
 from basel_edge.cli import main
@@ -23,6 +27,7 @@ from exporters.gguf_format import (
     is_lowrank_tensor,
     read_summary,
 )
+from runtimes.isolation import run_isolated
 from runtimes.llama_cpp import patched_binding_installed
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -74,12 +79,26 @@ def _torch_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
         return load_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
 
 
-def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+def _logits_in_child(path: str, ids: list[int]) -> np.ndarray:
     from runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path)
     try:
         return runtime.logits(ids)
+    finally:
+        runtime.close()
+
+
+def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    return run_isolated(_logits_in_child, str(path), ids)
+
+
+def _generate_in_child(path: str, prompt: list[int], n: int):
+    from runtimes import open_runtime
+
+    runtime = open_runtime("llama_cpp", path, threads=1)
+    try:
+        return runtime.generate(prompt, n), runtime.info()
     finally:
         runtime.close()
 
@@ -195,31 +214,19 @@ def test_q8_0_factorized_top1_agrees_with_torch(tiny_rank32, tmp_path):
 
 @needs_llama_cpp
 def test_tokenizer_round_trips_like_hf(tiny, tmp_path):
-    import llama_cpp
-
     export_gguf(tiny, tmp_path / "d.gguf", progress=False)
     hf = load_tokenizer(tiny)
-    llm = llama_cpp.Llama(str(tmp_path / "d.gguf"), vocab_only=True, verbose=False)
-    try:
-        for text in UNICODE_AND_SPECIALS:
-            ids = hf(text, add_special_tokens=False)["input_ids"]
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids), text
-    finally:
-        llm.close()
+    expected = [hf(text, add_special_tokens=False)["input_ids"] for text in UNICODE_AND_SPECIALS]
+    tokenized, detokenized = run_isolated(llama_tokenizer_in_child, str(tmp_path / "d.gguf"), UNICODE_AND_SPECIALS, expected)
+    for text, ids, got, back in zip(UNICODE_AND_SPECIALS, expected, tokenized, detokenized):
+        assert got == ids, text
+        assert back == hf.decode(ids), text
 
 
 @needs_llama_cpp
 def test_generate_and_info(tiny_rank32, tmp_path):
-    from runtimes import open_runtime
-
     export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
-    runtime = open_runtime("llama_cpp", tmp_path / "q.gguf", threads=1)
-    try:
-        gen = runtime.generate(_text_ids(tiny_rank32, 16), 8)
-        info = runtime.info()
-    finally:
-        runtime.close()
+    gen, info = run_isolated(_generate_in_child, str(tmp_path / "q.gguf"), _text_ids(tiny_rank32, 16), 8)
     assert len(gen.token_ids) == 8 and gen.prefill_seconds > 0 and gen.decode_seconds > 0
     assert info["lowrank_patch"] and info["bytes"] == (tmp_path / "q.gguf").stat().st_size
 
@@ -241,3 +248,63 @@ def test_untied_dense_f32_matches_torch(tiny_llama_untied, tmp_path):
     export_gguf(tiny_llama_untied, tmp_path / "u.gguf", weights="f32", progress=False)
     assert "output.weight" in _tensors(tmp_path / "u.gguf")
     assert np.abs(_llama_logits(tmp_path / "u.gguf", ids) - _torch_logits(tiny_llama_untied, ids)).max() < 1e-3
+
+
+def _with_tensor_type(src: Path, dst: Path, tensor: str, qtype) -> Path:
+    """A copy of `src` whose `tensor` is declared of type `qtype` (same bytes): a file llama.cpp loads but
+    cannot compute with."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    shutil.copy(src, dst)
+    reader = GGUFReader(dst, "r+")
+    info = next(t for t in reader.tensors if t.name == tensor)
+    info.field.parts[-2][0] = int(qtype)  # tensor info: name, n_dims, dims, type, offset
+    del reader
+    return dst
+
+
+@pytest.fixture(scope="module")
+def crashing_ggufs(tiny_rank32, tmp_path_factory) -> dict[str, Path]:
+    """F32 factorized files that load: one whose norm weight is int32 (ggml aborts with its own message), one
+    whose factor tensor is int32 (ggml has no int32 matmul: a segfault without a message)."""
+    from gguf import GGMLQuantizationType
+
+    work = tmp_path_factory.mktemp("crash")
+    f32 = Path(export_gguf(tiny_rank32, work / "f32.gguf", weights="f32", progress=False)["output"])
+    return {
+        "abort": _with_tensor_type(f32, work / "abort.gguf", "output_norm.weight", GGMLQuantizationType.I32),
+        "segfault": _with_tensor_type(f32, work / "segfault.gguf", f"blk.0.attn_q{LR_B_SUFFIX}.weight",
+                                      GGMLQuantizationType.I32),
+    }
+
+
+@needs_llama_cpp
+def test_a_native_llama_cpp_abort_fails_one_call_with_its_own_message(tiny_rank32, crashing_ggufs):
+    from runtimes.isolation import NativeCrash
+
+    ids = _text_ids(tiny_rank32, 40)
+    with pytest.raises(NativeCrash) as aborted:
+        _llama_logits(crashing_ggufs["abort"], ids)
+    assert str(aborted.value) == ("ggml/src/ggml-cpu/binary-ops.cpp:135: binary_op: unsupported types: dst: f32, "
+                                  "src0: f32, src1: i32 (SIGABRT)")
+    with pytest.raises(NativeCrash, match="SIGSEGV"):
+        _llama_logits(crashing_ggufs["segfault"], ids)
+    assert _llama_logits(crashing_ggufs["abort"].with_name("f32.gguf"), ids).shape[0] == len(ids)  # goes on
+
+
+@needs_llama_cpp
+def test_a_crashing_gguf_is_one_failed_row_with_the_engines_message(tiny, crashing_ggufs, tiny_text_data, tmp_path):
+    from eval.harness import ValidateConfig, run_validation
+
+    cfg = ValidateConfig(baseline=str(tiny), artifacts=[
+        str(crashing_ggufs["abort"]), str(crashing_ggufs["abort"].with_name("f32.gguf"))], out=tmp_path / "report",
+        task=None, data=str(tiny_text_data), threads=1, seq_len=32, eval_tokens=64, agreement_tokens=48,
+        prompt_tokens=8, new_tokens=4, reps=1)
+    rows = {Path(r["path"]).name: r for r in run_validation(cfg, progress=False)["rows"]}
+    crashed = rows["abort.gguf"]
+    assert crashed["status"] == "failed"
+    assert crashed["error"] == ("ggml/src/ggml-cpu/binary-ops.cpp:135: binary_op: unsupported types: dst: f32, "
+                                "src0: f32, src1: i32 (SIGABRT)")
+    assert rows["f32.gguf"]["status"] == "ok"

@@ -1,6 +1,6 @@
 """Slow GGUF tests on SmolLM2-135M: factorized (keep 0.5) and dense Q8_0 files generate text in llama.cpp, and
 an unpatched llama.cpp of the same pin runs the dense-layout files exactly as the patched one and refuses the
-factorized file with its own missing-tensor error."""
+factorized file with its own missing-tensor error. llama.cpp runs only in child processes (run_isolated)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_tokenizer_in_child
 
 from basel_edge.checkpoint import save_factorized
 from basel_edge.compress import Budget, compress
@@ -16,6 +17,7 @@ from basel_edge.data import load_task, pack
 from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model
 from exporters.gguf import export_gguf
 from exporters.gguf_format import read_summary
+from runtimes.isolation import run_isolated
 from runtimes.llama_cpp import patched_binding_installed
 from runtimes.llama_cpp.build import build_stock_tool
 from runtimes.llama_cpp.tools import tool
@@ -48,37 +50,36 @@ def smollm2_files(tmp_path_factory):
     return path, work / "half-q8_0.gguf", work / "dense-q8_0.gguf"
 
 
-@pytest.mark.parametrize("which", ["factorized", "dense"])
-def test_q8_0_generates_text(smollm2_files, which):
+def _generate_in_child(path: str, prompt: list[int], n: int):
     from runtimes import open_runtime
 
+    runtime = open_runtime("llama_cpp", path, threads=2)
+    try:
+        return runtime.generate(prompt, n)
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("which", ["factorized", "dense"])
+def test_q8_0_generates_text(smollm2_files, which):
     path, factorized, dense = smollm2_files
     gguf_file = factorized if which == "factorized" else dense
     assert read_summary(gguf_file).factorized == (which == "factorized")
     tok = load_tokenizer(path)
-    runtime = open_runtime("llama_cpp", gguf_file, threads=2)
-    try:
-        gen = runtime.generate(tok(PROMPT)["input_ids"], 24)
-    finally:
-        runtime.close()
+    gen = run_isolated(_generate_in_child, str(gguf_file), tok(PROMPT)["input_ids"], 24)
     text = tok.decode(gen.token_ids, skip_special_tokens=True)
     assert len(gen.token_ids) == 24 and text.strip(), f"{which}: empty continuation"
     assert gen.decode_tokens_per_second > 0
 
 
 def test_smollm2_tokenizer_round_trips_like_hf(smollm2_files):
-    import llama_cpp
-
     path, _, dense = smollm2_files
     hf = load_tokenizer(path)
-    llm = llama_cpp.Llama(str(dense), vocab_only=True, verbose=False)
-    try:
-        for text in TOKENIZER_STRINGS:
-            ids = hf(text, add_special_tokens=False)["input_ids"]
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids), text
-    finally:
-        llm.close()
+    expected = [hf(text, add_special_tokens=False)["input_ids"] for text in TOKENIZER_STRINGS]
+    tokenized, detokenized = run_isolated(llama_tokenizer_in_child, str(dense), TOKENIZER_STRINGS, expected)
+    for text, ids, got, back in zip(TOKENIZER_STRINGS, expected, tokenized, detokenized):
+        assert got == ids, text
+        assert back == hf.decode(ids), text
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,13 @@
 
 `LlamaCppRuntime.open(path.gguf)` checks the file first: a factorized GGUF (`_lr_a`/`_lr_b` tensors) only runs
 on the patched build, and basel-edge says so instead of surfacing llama.cpp's missing-tensor error alone.
+llama.cpp runs in the calling process: callers that must survive a native abort run it through
+`runtimes.isolation.run_isolated` (tests) or a worker process (eval.worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -20,11 +23,16 @@ BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
 
 
 def patched_binding_installed() -> bool:
-    """Whether this environment's llama-cpp-python is the patched build of this checkout's patch."""
+    """Whether this environment's llama-cpp-python is the patched build of this checkout's patch, for this CPU,
+    of the build profile that passed the post-build smoke check."""
     # imported here so that `python -m runtimes.llama_cpp.build` does not import its own module twice
-    from .build import build_key, installed_key
+    from .build import build_key, installed_key, installed_profile, selected_profile
 
-    return installed_key() in (build_key(cuda=False), build_key(cuda=True))
+    for cuda in (False, True):
+        if installed_key() == build_key(cuda):
+            selected = selected_profile(cuda)
+            return selected is not None and selected["profile"] == installed_profile()
+    return False
 
 
 def _import_llama_cpp():
@@ -35,15 +43,42 @@ def _import_llama_cpp():
     return llama_cpp
 
 
+@contextlib.contextmanager
+def model_params(use_extra_bufts: bool):
+    """Models created inside load with llama.cpp's extra buffer types (weight repacking) on or off.
+
+    llama-cpp-python's `Llama` takes no such argument; it reads `llama_model_default_params()` when it loads,
+    so that function is wrapped for the duration (`--no-repack` of the llama.cpp tools).
+    """
+    from llama_cpp import llama as high_level
+
+    low_level = high_level.llama_cpp
+    default = low_level.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = use_extra_bufts
+        return value
+
+    low_level.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = default
+
+
 @register
 class LlamaCppRuntime(Runtime):
     engine = "llama_cpp"
 
-    def __init__(self, path: Path, llm, device: str, threads: int) -> None:
+    def __init__(self, path: Path, llm, device: str, threads: int, extra_buffer_types: bool = True) -> None:
         self.path, self.llm, self.device, self.threads = path, llm, device, threads
+        self.extra_buffer_types = extra_buffer_types
 
     @classmethod
-    def open(cls, artifact_path, device="cpu", threads=None, n_ctx: int = DEFAULT_CONTEXT):
+    def open(cls, artifact_path, device="cpu", threads=None, n_ctx: int = DEFAULT_CONTEXT,
+             extra_buffer_types: bool = True):
+        """Load a GGUF; `extra_buffer_types=False` keeps every weight in plain CPU buffers (no repacking)."""
         path = Path(artifact_path)
         if device == "mobile":
             raise Unavailable("llama.cpp has no mobile profile here (use the executorch engine)")
@@ -60,14 +95,15 @@ class LlamaCppRuntime(Runtime):
             )
         threads = threads or 1
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads,
-                n_threads_batch=threads, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
-            )
+            with model_params(use_extra_bufts=extra_buffer_types):
+                llm = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads,
+                    n_threads_batch=threads, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
+                )
         except ValueError as exc:
             hint = (f"; a factorized GGUF needs the low-rank build (`{BUILD_COMMAND}`)" if summary.factorized else "")
             raise Unavailable(f"llama.cpp could not load {path} ({exc}){hint}") from None
-        return cls(path, llm, device, threads)
+        return cls(path, llm, device, threads, extra_buffer_types)
 
     def logits(self, token_ids):
         if len(token_ids) > self.llm.n_ctx():
@@ -96,10 +132,14 @@ class LlamaCppRuntime(Runtime):
     def info(self):
         import llama_cpp
 
+        from .build import installed_profile
+
         return {
             "engine": self.engine,
             "version": llama_cpp.__version__,
             "lowrank_patch": patched_binding_installed(),
+            "build_profile": installed_profile(),
+            "extra_buffer_types": self.extra_buffer_types,
             "device": self.device,
             "threads": self.threads,
             "bytes": self.path.stat().st_size,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import Unavailable
+from ..isolation import NO_BACKTRACE_ENV, engine_error_line
 from .build import tools_built, tools_dir
 
 _PPL_FINAL = re.compile(r"Final estimate:\s*PPL\s*=\s*([0-9.]+)\s*\+/-\s*([0-9.]+)")
@@ -24,10 +26,11 @@ def tool(name: str, cuda: bool = False) -> Path:
 
 
 def _run(cmd: list[str], timeout: float | None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, check=False,
+                            env={**os.environ, **NO_BACKTRACE_ENV})
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({result.returncode}): {' | '.join(tail)}")
+        why = engine_error_line(result.stderr or result.stdout, result.returncode)
+        raise RuntimeError(f"{Path(cmd[0]).name} failed: {why}")
     return result.stdout + result.stderr
 
 
@@ -54,10 +57,11 @@ def parse_bench_json(text: str) -> list[BenchResult]:
 
 
 def llama_bench(model: str | Path, threads: int, n_prompt: int = 64, n_gen: int = 64, repetitions: int = 3,
-                timeout: float | None = 900) -> list[BenchResult]:
-    """Prompt-processing and generation speed of `model` at a fixed thread count."""
+                timeout: float | None = 900, repack: bool = True) -> list[BenchResult]:
+    """Prompt-processing and generation speed of `model` at a fixed thread count (`repack`: llama.cpp's extra
+    buffer types, i.e. weight repacking, on as by default or off)."""
     out = _run([str(tool("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
-                "-n", str(n_gen), "-r", str(repetitions), "-o", "json"], timeout)
+                "-n", str(n_gen), "-r", str(repetitions), "--repack", "1" if repack else "0", "-o", "json"], timeout)
     return parse_bench_json(out)
 
 
