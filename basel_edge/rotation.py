@@ -18,11 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UserError
+from .families import family_of
 from .lowrank import LowRankLinear
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -59,17 +57,22 @@ def rotatable(model: nn.Module) -> bool:
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if config is None or layers is None or len(layers) == 0 or not isinstance(lm_head, nn.Linear):
         return False
+    try:
+        family = family_of(config)
+    except UserError:
+        return False
     if lm_head.weight is model.get_input_embeddings().weight:
         return False  # tied: the embedding and lm_head need different transforms
     size = config.hidden_size
     if not _is_plain_rms_norm(getattr(inner, "norm", None), size):
         return False
     for layer in layers:
-        if {name for name, _ in layer.named_children()} != LAYER_CHILDREN:
+        if {name for name, _ in layer.named_children()} != family.layer_children:
             return False  # extra norms (Gemma's post-norms, ...) would not commute with the rotation
-        if not all(_is_plain_rms_norm(getattr(layer, n), size) for n in ("input_layernorm", "post_attention_layernorm")):
+        if not all(_is_plain_rms_norm(getattr(layer, n), size) for n in (family.attention_norm, family.mlp_norm)):
             return False
-        for parent, names in ((layer.self_attn, ATTENTION), (layer.mlp, MLP)):
+        for parent, names in ((getattr(layer, family.attention), family.attention_projections),
+                              (getattr(layer, family.mlp), family.mlp_projections)):
             if not all(isinstance(getattr(parent, n, None), (nn.Linear, LowRankLinear)) for n in names):
                 return False
     return True
@@ -85,7 +88,8 @@ def rotate_hidden_(model: nn.Module, seed: int = 0) -> bool:
     if not rotatable(model):
         return False
     config, inner = model.config, model.model
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    family = family_of(config)
+    head = family.head_dim(config)
     q = random_orthogonal(config.hidden_size, seed)
     q_head = random_orthogonal(head, seed + 1)
 
@@ -101,15 +105,18 @@ def rotate_hidden_(model: nn.Module, seed: int = 0) -> bool:
             linear.bias.copy_((q @ linear.bias.double()).to(linear.bias.dtype))
 
     for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)), (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+        attn, mlp = getattr(layer, family.attention), getattr(layer, family.mlp)
+        attn_norm, mlp_norm = getattr(layer, family.attention_norm), getattr(layer, family.mlp_norm)
+        q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in family.attention_projections)
+        gate_proj, up_proj, down_proj = (getattr(mlp, n) for n in family.mlp_projections)
+        for norm, readers in ((attn_norm, (q_proj, k_proj, v_proj)), (mlp_norm, (gate_proj, up_proj))):
             for module in readers:
                 read(_first(module), norm.weight)
             norm.weight.fill_(1.0)
-        write(_last(attn.o_proj))
-        write(_last(mlp.down_proj))
+        write(_last(o_proj))
+        write(_last(down_proj))
         # per head: values v → Q_h v, and o_proj reads each head's block through Q_hᵀ
-        v, o = _last(attn.v_proj), _first(attn.o_proj)
+        v, o = _last(v_proj), _first(o_proj)
         set_weight(v, torch.einsum("ij,kjn->kin", q_head, v.weight.double().view(-1, head, v.weight.shape[1])).reshape(v.weight.shape))
         if v.bias is not None:
             v.bias.copy_((v.bias.double().view(-1, head) @ q_head.T).reshape(-1).to(v.bias.dtype))

@@ -37,6 +37,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
+from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 from basel_edge.rotation import rotate_hidden_
@@ -126,10 +127,6 @@ def register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, _executorch_attention)
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class StaticCacheDecoder(nn.Module):
     """`forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]` with the KV cache as program buffers."""
 
@@ -140,7 +137,7 @@ class StaticCacheDecoder(nn.Module):
         self.max_seq_len = max_seq_len
         config = model.config
         self.layers = config.num_hidden_layers
-        shape = (1, max_seq_len, config.num_key_value_heads, head_dim(config))
+        shape = (1, max_seq_len, config.num_key_value_heads, family_of(config).head_dim(config))
         for i in range(self.layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)

@@ -44,8 +44,6 @@ from .gguf_tokenizer import add_tokenizer
 WEIGHT_FORMATS = ("q8_0", "f16", "f32")
 DEFAULT_WEIGHTS = "q8_0"
 Q8_0_BLOCK = 32
-# HF module suffixes whose rows llama.cpp expects in its rotary (interleaved-halves) order
-ROPE_PERMUTED = {"self_attn.q_proj": "heads", "self_attn.k_proj": "kv_heads"}
 
 
 def _file_type(weights: str):
@@ -84,7 +82,10 @@ class _Config:
     """The llama hyper-parameters of an HF config, checked for what the GGUF llama architecture can express."""
 
     def __init__(self, config: dict, where: Path) -> None:
-        if config.get("model_type") != "llama":
+        from basel_edge.families import family_of
+
+        self.family = family_of(config, where)
+        if self.family.gguf_architecture != ARCH:
             raise UserError(f"{where}: GGUF export supports model_type 'llama', not '{config.get('model_type')}'")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -96,7 +97,7 @@ class _Config:
         self.n_ff = int(config["intermediate_size"])
         self.n_head = int(config["num_attention_heads"])
         self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
-        self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
+        self.head_dim = self.family.head_dim(config)
         self.n_ctx = int(config.get("max_position_embeddings", 2048))
         self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
         self.rms_eps = float(config.get("rms_norm_eps", 1e-6))
@@ -138,7 +139,8 @@ class _Converter:
         return name
 
     def _rope_heads(self, module_name: str) -> int | None:
-        for suffix, kind in ROPE_PERMUTED.items():
+        # HF module suffixes whose rows llama.cpp expects in its rotary (interleaved-halves) order
+        for suffix, kind in self.cfg.family.gguf_rope_permuted.items():
             if module_name.endswith(suffix):
                 return self.cfg.n_head if kind == "heads" else self.cfg.n_head_kv
         return None

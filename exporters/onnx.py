@@ -33,6 +33,7 @@ from torch import nn
 from basel_edge.atomic import atomic_output_dir
 from basel_edge.checkpoint import DIMENSION_FILE, load_model
 from basel_edge.errors import UserError
+from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
@@ -129,8 +130,7 @@ class FlatKVCacheDecoder(nn.Module):
 
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of a Llama-family config."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+    return config.num_hidden_layers, config.num_key_value_heads, family_of(config).head_dim(config)
 
 
 def export_fp32(model: nn.Module, opset: int):

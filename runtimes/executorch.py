@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from basel_edge.errors import UserError
+from basel_edge.families import family_of
 
 from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
@@ -97,7 +98,7 @@ def set_threads(threads: int) -> None:
 
 
 def kv_cache_bytes(config: dict, max_seq_len: int) -> int:
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = family_of(config).head_dim(config)
     return 2 * config["num_hidden_layers"] * max_seq_len * config["num_key_value_heads"] * head_dim * 4
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from basel_edge.errors import UserError
+from basel_edge.families import family_of
 
 from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
@@ -47,7 +48,7 @@ class OrtRuntime(Runtime):
         if not config_file.is_file():
             raise UserError(f"{file.parent} has no config.json next to {ONNX_FILE}")
         config = json.loads(config_file.read_text())
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        head_dim = family_of(config).head_dim(config)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

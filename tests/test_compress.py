@@ -3,7 +3,8 @@ import torch
 
 from basel_edge.compress import METHODS, Budget, compress, decompose
 from basel_edge.compress.base import Weighting
-from basel_edge.compress.calibration import collect, input_key
+from basel_edge.compress.calibration import collect
+from basel_edge.families import family_of
 from basel_edge.compress.svd_llm import cholesky_with_jitter
 from basel_edge.data import load_data, pack
 from basel_edge.errors import UserError
@@ -157,7 +158,7 @@ def test_cholesky_jitter_handles_singular_gram():
 def test_shared_inputs_are_collected_once(tiny_llama, calib):
     model = load_dense(tiny_llama)
     stats = collect(model, calib, frozenset({"xtx", "absmean", "fisher"}), progress=False)
-    assert input_key("model.layers.0.self_attn.v_proj") == "model.layers.0.self_attn.q_proj"
+    assert family_of(model.config).input_key("model.layers.0.self_attn.v_proj") == "model.layers.0.self_attn.q_proj"
     assert len(stats.xtx) == 2 * 4  # q (shared by k, v), o, gate (shared by up), down per layer
     assert len(stats.fisher) == 2 * 7
     assert all((f >= 0).all() and f.sum() > 0 for f in stats.fisher.values())

@@ -15,32 +15,28 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import TokenBlocks
+from ..families import ModelFamily, family_of
 from ..lowrank import decoder_linears
 
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 STATISTICS = ("xtx", "absmean", "fisher")
-
-
-def input_key(name: str) -> str:
-    """The linear whose input statistic `name` shares (q/k/v read the same tensor, so do gate/up)."""
-    prefix, _, proj = name.rpartition(".")
-    return f"{prefix}.{SHARED_INPUT.get(proj, proj)}"
 
 
 @dataclass
 class CalibrationStats:
-    """Per-linear statistics; look them up with the linear's own name."""
+    """Per-linear statistics; look them up with the linear's own name (linears that read one input, as the
+    model family says, share its statistic)."""
 
+    family: ModelFamily
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
     absmean: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
 
     def input_xtx(self, name: str) -> torch.Tensor:
-        return self.xtx[input_key(name)]
+        return self.xtx[self.family.input_key(name)]
 
     def input_absmean(self, name: str) -> torch.Tensor:
-        return self.absmean[input_key(name)]
+        return self.absmean[self.family.input_key(name)]
 
 
 def collect(
@@ -51,7 +47,7 @@ def collect(
     progress: bool = True,
 ) -> CalibrationStats:
     """Run the calibration blocks through the model once and gather the statistics in `needs`."""
-    stats = CalibrationStats()
+    stats = CalibrationStats(family_of(model.config))
     unknown = set(needs) - set(STATISTICS)
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
@@ -64,7 +60,7 @@ def collect(
     input_stats = {"xtx", "absmean"} & needs
     if input_stats:
         for name, module in linears.items():
-            if input_key(name) != name:
+            if stats.family.input_key(name) != name:
                 continue
 
             def hook(mod, args, _name=name):
