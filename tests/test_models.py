@@ -64,3 +64,37 @@ def test_perplexity_matches_hf_loss(tiny_llama, tiny_text_data):
     result = perplexity(model, blocks, progress=False)
     assert result.tokens == blocks.scored_tokens == 63
     assert result.perplexity == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+def test_embedded_parts_are_assembled_once_and_verified(tmp_path, monkeypatch):
+    import hashlib
+
+    from basel_edge import embedded
+
+    monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
+    parts = {"dist-a": b"GGUF" + b"a" * 1000, "dist-b": b"b" * 500}
+    for name, data in parts.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr(embedded, "_part_path", lambda model, dist, file: tmp_path / dist)
+    whole = b"".join(parts.values())
+    model = embedded.EmbeddedModel("m", "M", (("dist-a", "x"), ("dist-b", "y")),
+                                   sha256=hashlib.sha256(whole).hexdigest(), size=len(whole))
+    path = embedded.embedded_gguf(model)
+    assert path.read_bytes() == whole and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert embedded.embedded_gguf(model) == path
+    bad = embedded.EmbeddedModel("bad", "Bad", model.parts, sha256="0" * 64, size=len(whole))
+    with pytest.raises(UserError, match="bad.*sha256.*reinstall its wheels \\(dist-a, dist-b\\)"):
+        embedded.embedded_gguf(bad)
+    short = embedded.EmbeddedModel("short", "Short", model.parts, sha256=model.sha256, size=len(whole) + 1)
+    with pytest.raises(UserError, match="add up to"):
+        embedded.embedded_gguf(short)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["M.gguf"]  # nothing partial left
+
+
+def test_embedded_model_without_its_wheel_names_the_package(monkeypatch):
+    from basel_edge import embedded
+
+    model = embedded.EmbeddedModel("m", "M", (("no-such-dist-basel", "x.gguf"),))
+    with pytest.raises(UserError, match="model 'm' needs the 'no-such-dist-basel' wheel; install it with"):
+        embedded.embedded_gguf(model)
+    assert set(embedded.EMBEDDED) >= {"smollm2-135m", "qwen2.5-coder-0.5b"}
