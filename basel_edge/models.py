@@ -15,12 +15,15 @@ from pathlib import Path
 
 from .atomic import atomic_output_dir
 from .cache import cache_dir
-from .embedded import EMBEDDED, embedded_gguf
+from .embedded import EMBEDDED, embedded_gguf, license_paths
 from .errors import UserError, read_json
 from .families import family_of, gguf_architectures
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# written beside an HF checkpoint converted from a GGUF: the source file, its digest and the license files kept
+# with the weights; copied on into every checkpoint made from it
+SOURCE_FILE = "basel-source.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -62,8 +65,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
-    """Convert a llama-architecture GGUF once into an HF directory in the cache and return that directory."""
+def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: list[Path] = ()) -> Path:
+    """Convert a GGUF of a supported architecture once into an HF directory in the cache and return that
+    directory; `license_files` are copied into it (a model's terms travel with the converted weights)."""
     gguf_path = Path(gguf_path).resolve()
     arch = gguf_architecture(gguf_path)
     if arch not in gguf_architectures():
@@ -73,6 +77,13 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
         )
     target = cache_dir() / "models" / (name or f"{gguf_path.stem}-{_file_digest(gguf_path)}")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        source = read_json(target / SOURCE_FILE, f"{target / SOURCE_FILE} is missing; delete {target} to convert again")
+        if any(not (target / lic.name).is_file() for lic in license_files) or \
+                source.get("license_files") != [lic.name for lic in license_files]:
+            for lic in license_files:
+                shutil.copy(lic, target / lic.name)
+            source["license_files"] = [lic.name for lic in license_files]
+            (target / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         return target
     import torch
     from tqdm import tqdm
@@ -92,9 +103,11 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
         model.config.name_or_path = gguf_path.stem
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "basel-source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "sha256_16": _file_digest(gguf_path)}, indent=2)
-        )
+        for lic in license_files:
+            shutil.copy(lic, tmp / lic.name)
+        (tmp / SOURCE_FILE).write_text(json.dumps({
+            "gguf": str(gguf_path), "sha256_16": _file_digest(gguf_path),
+            "license_files": [lic.name for lic in license_files]}, indent=2))
     return target
 
 
@@ -108,7 +121,8 @@ def resolve_model(spec: str | Path) -> ModelRef:
     path."""
     if str(spec) in EMBEDDED:
         model = EMBEDDED[str(spec)]
-        return ModelRef(materialize_gguf(embedded_gguf(model), name=model.hf_name), False)
+        licenses = license_paths(model)
+        return ModelRef(materialize_gguf(embedded_gguf(model), name=model.hf_name, license_files=licenses), False)
     path = Path(spec).expanduser()
     if not path.exists():
         names = ", ".join(f"'{name}'" for name in EMBEDDED)
@@ -143,7 +157,10 @@ def load_tokenizer(path: str | Path):
 
 
 def copy_tokenizer_files(src: Path, dst: Path, include_config: bool = True) -> None:
-    """Copy config, generation config and tokenizer files from a model directory to another, unchanged."""
-    for name in (("config.json",) if include_config else ()) + TOKENIZER_FILES:
+    """Copy config, generation config and tokenizer files from a model directory to another, unchanged, with the
+    GGUF source record and the license files it names."""
+    source = read_json(src / SOURCE_FILE, f"{src / SOURCE_FILE} is unreadable") if (src / SOURCE_FILE).is_file() else {}
+    licenses = source.get("license_files", [])
+    for name in (("config.json",) if include_config else ()) + TOKENIZER_FILES + (SOURCE_FILE, *licenses):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

@@ -110,12 +110,19 @@ class ExecutorchExportConfig:
 def _executorch_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, et_cache=None, et_start=None, **kwargs):
     """HF attention function: update this layer's static cache and attend with ExecuTorch's custom SDPA.
 
-    query/key/value arrive as [B, heads, T, D]; the custom ops work on [B, T, heads, D] and handle GQA.
+    query/key/value arrive as [B, heads, T, D]; the custom ops work on [B, T, heads, D] and handle GQA. A
+    sliding-window layer (the model passes `sliding_window`) attends through an explicit mask over the whole
+    cache, as ExecuTorch's llama example does: position p sees cache rows p - window < c <= p.
     """
     k_cache, v_cache = et_cache[module.layer_idx]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     torch.ops.llama.update_cache(k, k_cache, et_start)
     torch.ops.llama.update_cache(v, v_cache, et_start)
+    window = kwargs.get("sliding_window")
+    if window:
+        delta = (torch.arange(q.shape[1]) + et_start)[:, None] - torch.arange(k_cache.shape[1])[None, :]
+        mask = torch.where((delta >= 0) & (delta < window), 0.0, float("-inf"))
+        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, 0, mask, 0.0, False, scaling), None
     return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, et_start, None, 0.0, True, scaling), None
 
 

@@ -1,7 +1,8 @@
 """GGUF export (llama.cpp): `basel-edge export --target gguf MODEL -o OUT.gguf [--layout] [--weights]`.
 
-Writes a `llama`-architecture GGUF with the gguf package: the standard llama hyper-parameters, the full
-tokenizer metadata, and the weights in Q8_0 (default), F16 or F32. `--layout factorized` (default for a
+Writes a GGUF of the model family's llama.cpp architecture (`llama`, `qwen2`; basel_edge/families) with the
+gguf package: the standard hyper-parameters, the full tokenizer metadata, and the weights in Q8_0 (default),
+F16 or F32. `--layout factorized` (default for a
 factorized checkpoint) keeps each factorized linear as two tensors `_lr_a`/`_lr_b` (see gguf_format.py) that
 only the patched llama.cpp of runtimes/llama_cpp runs; `--layout dense` multiplies them back into a standard
 file any llama.cpp loads. The file is written beside the target and renamed into place when complete.
@@ -22,7 +23,6 @@ from basel_edge.errors import UserError
 
 from . import Exporter, register
 from .gguf_format import (
-    ARCH,
     FORMAT_VERSION,
     FUSED_FIRST_FACTORS,
     KEY_FACTORIZED_LINEARS,
@@ -79,19 +79,25 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, multiple: int) -> tuple[torch.Ten
 
 
 class _Config:
-    """The llama hyper-parameters of an HF config, checked for what the GGUF llama architecture can express."""
+    """The hyper-parameters of an HF config, checked for what its family's GGUF architecture can express."""
 
     def __init__(self, config: dict, where: Path) -> None:
-        from basel_edge.families import family_of
+        from basel_edge.families import family_of, gguf_architectures
 
         self.family = family_of(config, where)
-        if self.family.gguf_architecture != ARCH:
-            raise UserError(f"{where}: GGUF export supports model_type 'llama', not '{config.get('model_type')}'")
+        if self.family.gguf_architecture is None:
+            raise UserError(f"{where}: model family '{self.family.name}' has no llama.cpp architecture; GGUF "
+                            f"export supports {', '.join(gguf_architectures())}")
+        self.arch = self.family.gguf_architecture
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope = rope.get("full_attention", rope)  # per-layer-type rope parameters: the global layers' ones
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UserError(f"{where}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not supported")
-        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
-            raise UserError(f"{where}: only SiLU-gated MLPs without bias map to the GGUF llama architecture")
+        activation = config.get("hidden_act") or config.get("hidden_activation") or "silu"
+        if activation != self.family.activation or config.get("mlp_bias"):
+            raise UserError(f"{where}: only {self.family.activation}-gated MLPs without bias map to the GGUF "
+                            f"{self.arch} architecture (this model: {activation}"
+                            f"{', with MLP bias' if config.get('mlp_bias') else ''})")
         self.n_layer = int(config["num_hidden_layers"])
         self.n_embd = int(config["hidden_size"])
         self.n_ff = int(config["intermediate_size"])
@@ -104,6 +110,7 @@ class _Config:
         self.vocab_size = int(config["vocab_size"])
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.name = str(config.get("_name_or_path") or config.get("_model_name_or_path") or where.name)
+        self.config = config
 
     def add_to(self, writer) -> None:
         writer.add_name(self.name)
@@ -120,6 +127,8 @@ class _Config:
         if self.head_dim != self.n_embd // self.n_head:
             writer.add_key_length(self.head_dim)
             writer.add_value_length(self.head_dim)
+        if self.family.gguf_keys:
+            self.family.gguf_keys(self.config, self.head_dim, writer)
 
 
 class _Converter:
@@ -129,13 +138,14 @@ class _Converter:
         import gguf
 
         self.cfg, self.weights, self.layout, self.fuse = cfg, weights, layout, fuse
-        self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+        arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == cfg.arch)
+        self.names = gguf.get_tensor_name_map(arch, cfg.n_layer)
         self.ranks: list[int] = []
 
     def gguf_name(self, hf_name: str) -> str:
         name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UserError(f"tensor '{hf_name}' has no llama GGUF name")
+            raise UserError(f"tensor '{hf_name}' has no {self.cfg.arch} GGUF name")
         return name
 
     def _rope_heads(self, module_name: str) -> int | None:
@@ -195,6 +205,8 @@ class _Converter:
             heads = self._rope_heads(module_name)
             if heads:
                 tensor = rope_permute(tensor, heads)
+            if hf_name.endswith("norm.weight") and self.cfg.family.norm_weight_offset:
+                tensor = tensor + self.cfg.family.norm_weight_offset  # llama.cpp multiplies by the stored weight
             yield self.gguf_name(hf_name), tensor, hf_name.endswith(".weight") and tensor.dim() == 2
 
 
@@ -247,7 +259,8 @@ def export_gguf(
     progress: bool = True,
     fuse: bool = True,
 ) -> dict:
-    """Write `model_spec` (dense or factorized checkpoint) as a llama GGUF at `output`; return a summary."""
+    """Write `model_spec` (dense or factorized checkpoint) as a GGUF of its family's architecture at `output`;
+    return a summary."""
     import gguf
     from tqdm import tqdm
 
@@ -279,7 +292,7 @@ def export_gguf(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, cfg.arch)
         cfg.add_to(writer)
         writer.add_file_type(_file_type(weights))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -305,6 +318,7 @@ def export_gguf(
     return {
         "output": str(output),
         "bytes": output.stat().st_size,
+        "architecture": cfg.arch,
         "layout": layout,
         "weights": weights,
         "tensors": n_tensors,
@@ -321,7 +335,7 @@ class GGUFExporter(Exporter):
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--layout", choices=LAYOUTS, default=None,
                            help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
-                                "back, a standard llama GGUF (default: factorized for a factorized checkpoint)")
+                                "back, a standard GGUF (default: factorized for a factorized checkpoint)")
         group.add_argument("--no-fuse", action="store_true",
                            help="factorized layout: one _lr_a per projection instead of one for q/k/v and one for "
                                 "gate/up (the unfused form, for comparison)")

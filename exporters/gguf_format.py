@@ -1,8 +1,9 @@
-"""The basel-edge GGUF contract (DESIGN.md section 6), defined once: tensor suffixes, `basel.*` keys, detection.
+"""The basel-edge GGUF contract, defined once: tensor suffixes, `basel.*` keys, detection.
 
 A factorized projection `blk.N.<proj>` is stored as `blk.N.<proj>_lr_a.weight` (ggml shape {n_in, r}, applied
 first) and `blk.N.<proj>_lr_b.weight` ({r, n_out}), or with its first factor inside a fused `_lr_a` (see
-FUSED_FIRST_FACTORS); everything else uses llama.cpp's standard llama names.
+FUSED_FIRST_FACTORS); a bias stays `blk.N.<proj>.bias` and is added after the second factor. Everything else
+uses llama.cpp's standard names of the model family's architecture (basel_edge/families).
 Both the exporter and the llama.cpp runtime read these names from here.
 """
 
@@ -13,10 +14,9 @@ from pathlib import Path
 
 from basel_edge.errors import UserError
 
-ARCH = "llama"
 LR_A_SUFFIX = "_lr_a"
 LR_B_SUFFIX = "_lr_b"
-# the llama projections that may be factorized, by their GGUF base name
+# the projections that may be factorized, by their GGUF base name (the same in every supported architecture)
 LOWRANK_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # projections that read the same input: when all are factorized, their first factors are stored concatenated
 # (in this order) as one `blk.N.<fused>_lr_a.weight` {n_in, sum of ranks}, so llama.cpp runs one matmul for

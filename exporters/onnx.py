@@ -116,7 +116,9 @@ class FlatKVCacheDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # every layer keeps its whole history (no sliding-window layer that crops its cache): the flat cache has
+        # one shape for all layers, and sliding-window layers get their window from the attention mask
+        cache = DynamicCache()
         for i, (key, value) in enumerate(past):
             cache.update(key, value, i)
         out = self.model(

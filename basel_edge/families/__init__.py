@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import UserError
 
@@ -37,9 +37,16 @@ class ModelFamily:
     layer_children: frozenset[str] = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
     attention_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    # RMSNorms scale by (norm_weight_offset + w): 0 for Llama, 1 for Gemma (GGUF stores the whole scale)
+    norm_weight_offset: float = 0.0
+    # the gated MLP's activation, as HF configs name it (`hidden_act` or `hidden_activation`)
+    activation: str = "silu"
     gguf_architecture: str | None = None
     # "<module>.<projection>" -> which head count llama.cpp's rotary row permutation uses ("heads" / "kv_heads")
     gguf_rope_permuted: Mapping[str, str] = field(default_factory=dict)
+    # writes the family's own GGUF keys (config dict, head_dim, gguf.GGUFWriter); UserError for what the
+    # llama.cpp architecture cannot express
+    gguf_keys: Callable[[Mapping[str, Any], int, Any], None] | None = None
 
     @property
     def decoder_linear(self) -> re.Pattern:
@@ -89,4 +96,4 @@ def family_of(config: Any, where: object = "the model") -> ModelFamily:
     return FAMILIES[model_type]
 
 
-from . import llama, qwen2  # noqa: E402,F401  (each registers its families)
+from . import gemma3, llama, qwen2  # noqa: E402,F401  (each registers its families)
