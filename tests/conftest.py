@@ -34,6 +34,28 @@ def tiny_llama_untied(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_half(tmp_path_factory) -> tuple[Path, Path, object]:
+    """(dense dir, factorized dir, tokenizer): the real SmolLM2-135M and its SVD-LLM keep-0.5 checkpoint
+    (uniform ranks, 2,048 python-code calibration tokens), made once for every slow test that needs it."""
+    from basel_edge.checkpoint import save_factorized
+    from basel_edge.compress import Budget, compress
+    from basel_edge.data import load_task, pack
+    from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    dense = resolve_model(DEFAULT_MODEL).path
+    tok = load_tokenizer(dense)
+    model = load_dense(dense)
+    calib = pack(load_task("python-code").train, tok, seq_len=256, max_tokens=2048)
+    compress(model, "svd-llm", Budget(keep=0.5, allocation="uniform"), calib, progress=False)
+    fact = tmp_path_factory.mktemp("smollm2-half") / "fact"
+    save_factorized(model, fact, dense, method="svd-llm", task="python-code")
+    torch.set_num_threads(old)
+    return dense, fact, tok
+
+
+@pytest.fixture(scope="session")
 def tiny_text_data(tmp_path_factory) -> Path:
     """A folder of a few stdlib sources, as user text data."""
     root = tmp_path_factory.mktemp("data") / "code"

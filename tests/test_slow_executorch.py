@@ -1,4 +1,9 @@
-"""Slow: ExecuTorch export of the real SmolLM2-135M, dense int8 and factorized int8 (SVD-LLM, keep 0.5)."""
+"""Slow: ExecuTorch export of the real SmolLM2-135M, factorized int8 (SVD-LLM, keep 0.5).
+
+The dense int8 export of the same model (about 5 minutes here) is exercised by `python -m eval.bench_executorch`,
+whose committed results (eval/results/executorch.json) record its inline validation passing; running it here
+too would put CI over its 45-minute budget.
+"""
 
 import pytest
 import torch
@@ -6,10 +11,6 @@ import torch
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
-from basel_edge.checkpoint import save_factorized  # noqa: E402
-from basel_edge.compress import Budget, compress  # noqa: E402
-from basel_edge.data import load_task, pack  # noqa: E402
-from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model  # noqa: E402
 from exporters.executorch import ExecutorchExportConfig, export_executorch  # noqa: E402
 from runtimes.executorch import ExecutorchRuntime  # noqa: E402
 
@@ -17,19 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_half):
     torch.set_num_threads(2)
-    dense = resolve_model(DEFAULT_MODEL).path
-    tok = load_tokenizer(dense)
-    model = load_dense(dense)
-    calib = pack(load_task("python-code").train, tok, seq_len=256, max_tokens=2048)
-    compress(model, "svd-llm", Budget(keep=0.5, allocation="uniform"), calib, progress=False)
-    fact = tmp_path_factory.mktemp("smol") / "fact"
-    save_factorized(model, fact, dense, method="svd-llm", task="python-code")
-    return dense, fact, tok
+    return smollm2_half
 
 
-@pytest.mark.parametrize("which", ["dense", "factorized"])
+@pytest.mark.parametrize("which", ["factorized"])
 def test_int8_export_loads_and_generates(smollm2, tmp_path, which):
     # issue 6: without the hidden-space rotation the factorized .pte scored top-1 0.81 vs its own eager int8
     # model and 0.80 vs fp32 (8da8w noise is amplified so much that float rounding order alone flips tokens)

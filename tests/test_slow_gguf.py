@@ -4,6 +4,7 @@ factorized file with its own missing-tensor error. llama.cpp runs only in child 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,10 +12,7 @@ import pytest
 import torch
 from conftest import llama_tokenizer_in_child
 
-from basel_edge.checkpoint import save_factorized
-from basel_edge.compress import Budget, compress
-from basel_edge.data import load_task, pack
-from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model
+from basel_edge.models import DEFAULT_MODEL, load_tokenizer
 from exporters.gguf import export_gguf
 from exporters.gguf_format import read_summary
 from runtimes.isolation import run_isolated
@@ -36,15 +34,11 @@ TOKENIZER_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_files(tmp_path_factory):
+def smollm2_files(smollm2_half, tmp_path_factory):
     torch.set_num_threads(1)
+    path, half, _ = smollm2_half
     work = tmp_path_factory.mktemp("smollm2-gguf")
-    path = resolve_model(DEFAULT_MODEL).path
-    tok = load_tokenizer(path)
-    model = load_dense(path)
-    calib = pack(load_task("python-code").train, tok, seq_len=256, max_tokens=2048)
-    compress(model, "svd-llm", Budget(keep=0.5), calib, progress=False)
-    save_factorized(model, work / "half", path, method="svd-llm", task="python-code")
+    shutil.copytree(half, work / "half")
     export_gguf(work / "half", work / "half-q8_0.gguf", progress=False)
     export_gguf(DEFAULT_MODEL, work / "dense-q8_0.gguf", progress=False)
     return path, work / "half-q8_0.gguf", work / "dense-q8_0.gguf"

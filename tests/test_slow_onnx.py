@@ -5,10 +5,6 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from basel_edge.checkpoint import save_factorized  # noqa: E402
-from basel_edge.compress import Budget, compress  # noqa: E402
-from basel_edge.data import load_task, pack  # noqa: E402
-from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model  # noqa: E402
 from exporters.onnx import OnnxExportConfig, export_onnx  # noqa: E402
 from runtimes.onnxruntime import OrtRuntime  # noqa: E402
 
@@ -16,16 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_half):
     torch.set_num_threads(2)
-    dense = resolve_model(DEFAULT_MODEL).path
-    tok = load_tokenizer(dense)
-    model = load_dense(dense)
-    calib = pack(load_task("python-code").train, tok, seq_len=256, max_tokens=2048)
-    compress(model, "svd-llm", Budget(keep=0.5, allocation="uniform"), calib, progress=False)
-    fact = tmp_path_factory.mktemp("smol") / "fact"
-    save_factorized(model, fact, dense, method="svd-llm", task="python-code")
-    return dense, fact, tok
+    return smollm2_half
 
 
 @pytest.mark.parametrize("which", ["dense", "factorized"])
