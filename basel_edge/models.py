@@ -156,11 +156,16 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(Path(path))
 
 
+def source_record(model_dir: Path) -> dict:
+    """The SOURCE_FILE record of a checkpoint (the GGUF it came from, its license files); {} when there is none."""
+    path = Path(model_dir) / SOURCE_FILE
+    return read_json(path, f"{path} is unreadable") if path.is_file() else {}
+
+
 def copy_tokenizer_files(src: Path, dst: Path, include_config: bool = True) -> None:
     """Copy config, generation config and tokenizer files from a model directory to another, unchanged, with the
     GGUF source record and the license files it names."""
-    source = read_json(src / SOURCE_FILE, f"{src / SOURCE_FILE} is unreadable") if (src / SOURCE_FILE).is_file() else {}
-    licenses = source.get("license_files", [])
+    licenses = source_record(src).get("license_files", [])
     for name in (("config.json",) if include_config else ()) + TOKENIZER_FILES + (SOURCE_FILE, *licenses):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

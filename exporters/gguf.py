@@ -1,6 +1,6 @@
 """GGUF export (llama.cpp): `basel-edge export --target gguf MODEL -o OUT.gguf [--layout] [--weights]`.
 
-Writes a GGUF of the model family's llama.cpp architecture (`llama`, `qwen2`; basel_edge/families) with the
+Writes a GGUF of the model family's llama.cpp architecture (`llama`, `qwen2`, `gemma3`; basel_edge/families) with the
 gguf package: the standard hyper-parameters, the full tokenizer metadata, and the weights in Q8_0 (default),
 F16 or F32. `--layout factorized` (default for a
 factorized checkpoint) keeps each factorized linear as two tensors `_lr_a`/`_lr_b` (see gguf_format.py) that

@@ -58,13 +58,10 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
 
 def source_gguf(model_dir: Path) -> Path | None:
     """The GGUF the model was converted from (basel_edge.models.SOURCE_FILE), if it is still there."""
-    from basel_edge.models import SOURCE_FILE
+    from basel_edge.models import source_record
 
-    record = model_dir / SOURCE_FILE
-    if not record.is_file():
-        return None
-    path = Path(json.loads(record.read_text(encoding="utf-8")).get("gguf", ""))
-    return path if path.is_file() else None
+    gguf = source_record(model_dir).get("gguf")
+    return Path(gguf) if gguf and Path(gguf).is_file() else None
 
 
 def copy_tokenizer(writer, source: Path, vocab_size: int) -> None:
