@@ -221,6 +221,19 @@ def _add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _humaneval_config(args: argparse.Namespace):
+    if not args.humaneval:
+        if args.limit is not None:
+            raise UserError("--limit selects HumanEval problems; add --humaneval")
+        return None
+    from eval.humaneval import HumanEvalConfig
+
+    try:
+        return HumanEvalConfig(limit=args.limit, batch_size=args.batch)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from eval.harness import ValidateConfig, run_validation
 
@@ -237,6 +250,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         reps=args.reps,
         compare_to=args.compare_to,
+        humaneval=_humaneval_config(args),
     )
     report = run_validation(cfg, progress=not args.quiet)
     if args.json:
@@ -279,6 +293,10 @@ def _add_validate_parser(sub) -> None:
     p.add_argument("--reps", type=_positive_int, default=3)
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--compare-to", type=Path, help="an earlier report.json; flags regressions over 5%%")
+    p.add_argument("--humaneval", action="store_true",
+                   help="also HumanEval pass@1: greedy generation on each artifact's engine, tests run sandboxed")
+    p.add_argument("--limit", type=_positive_int, help="HumanEval: only the first N of the 164 problems")
+    p.add_argument("--batch", type=_positive_int, default=8, help="HumanEval: sequences generated at once")
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -44,15 +44,16 @@ def weight_bytes_per_token(path: Path) -> int:
     return sum(tensors.values())
 
 
-def heldout_text(path: Path, max_tokens: int, ctx: int) -> int:
+def heldout_text(path: Path, max_tokens: int, ctx: int, model: str | Path = DEFAULT_MODEL) -> int:
     """Write held-out python-code documents to `path` up to `max_tokens` tokens; return the token count.
 
     Documents are chosen as the harness's `pack` chooses them (each contributes at most its first
     max(ctx, max_tokens // 32) tokens), so the score spans many files rather than one long, repetitive one.
+    Tokens are counted with `model`'s tokenizer.
     """
     from basel_edge.data import DOCUMENTS_PER_BUDGET, tokenize_examples
 
-    tok = load_tokenizer(resolve_model(DEFAULT_MODEL).path)
+    tok = load_tokenizer(resolve_model(model).path)
     per_document = max(ctx, max_tokens // DOCUMENTS_PER_BUDGET)
     pairs = tokenize_examples(load_task("python-code").validation, tok, max_tokens, per_example=per_document)
     parts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in pairs]

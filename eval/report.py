@@ -15,6 +15,7 @@ TRACKED = {
     "decode_tps": (lambda r: (r.get("decode_tps") or {}).get("median"), True),
     "prefill_tps": (lambda r: (r.get("prefill_tps") or {}).get("median"), True),
     "bytes": (lambda r: r.get("bytes"), False),
+    "humaneval_pass@1": (lambda r: (r.get("humaneval") or {}).get("pass@1"), True),
 }
 
 
@@ -64,6 +65,7 @@ def markdown(report: dict) -> str:
             f"{r['decode_tps']['median']:.1f} [{r['decode_tps']['min']:.1f}–{r['decode_tps']['max']:.1f}]{_x(ratios.get('decode_tps'))} | "
             f"{_mib(r['peak_rss_bytes'])}{_x(ratios.get('peak_rss'))} |"
         )
+    lines += humaneval_table(rows)
     m = report["machine"]
     notes = [
         "",
@@ -77,6 +79,24 @@ def markdown(report: dict) -> str:
         notes += ["", "**Regressions over 5% against the previous report:**", ""]
         notes += [f"- {g['artifact']} on {g['backend']}: {g['metric']} {g['old']:.4g} → {g['new']:.4g} ({g['change']:+.1%})" for g in report["regressions"]]
     return "\n".join(lines + notes) + "\n"
+
+
+def humaneval_table(rows: list[dict]) -> list[str]:
+    """HumanEval pass@1 with its 95% interval per row, in points against the dense baseline of the backend."""
+    scored = [r for r in rows if r.get("humaneval")]
+    if not scored:
+        return []
+    base = {r["backend"]: r["humaneval"]["pass@1"] for r in scored if r["baseline"]}
+    lines = ["", "| artifact | backend | engine | HumanEval pass@1 [95% CI] | vs dense (points) | passed / n | "
+             "timed out | generated tok/s |", "|" + "---|" * 8]
+    for r in scored:
+        h = r["humaneval"]
+        delta = "" if r["backend"] not in base else f"{100 * (h['pass@1'] - base[r['backend']]):+.1f}"
+        tps = _num(h.get("generated_tps"), ".1f")
+        lines.append(f"| {r['artifact']}{' (baseline)' if r['baseline'] else ''} | {r['backend']} | {r['engine']} | "
+                     f"{100 * h['pass@1']:.1f} [{100 * h['ci95'][0]:.1f}–{100 * h['ci95'][1]:.1f}] | {delta} | "
+                     f"{h['passed']} / {h['n']} | {h.get('timed_out', 0)} | {tps} |")
+    return lines
 
 
 def plots(report: dict, out: Path) -> list[Path]:

@@ -3,8 +3,9 @@
     python -m eval.worker SPEC.json RESULT.json
 
 SPEC holds the engine, artifact, device, threads, the held-out rows (ids + labels), the agreement sequence and
-the speed settings. RESULT gets perplexity, speed (median/min/max over repetitions after a warm-up), peak RSS,
-the engine's info, and the logits of the agreement sequence saved to SPEC["logits_file"].
+the speed settings, and optionally HumanEval prompts. RESULT gets perplexity, speed (median/min/max over repetitions
+after a warm-up), peak RSS, the engine's info, the HumanEval completions (token ids; scored by the harness, outside
+the engine's process), and the logits of the agreement sequence saved to SPEC["logits_file"].
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def nll_of_row(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
     return float((logz - x[np.arange(len(x)), lab[keep]]).sum()), int(keep.sum())
 
 
+def generate_humaneval(runtime, spec: dict) -> dict:
+    """Greedy completions of the HumanEval prompts (token ids), stopped by eval.humaneval's rule."""
+    from basel_edge.models import load_tokenizer
+
+    from .humaneval import StopRule
+
+    start = time.perf_counter()
+    outputs = runtime.generate_batch(spec["prompts"], spec["max_new_tokens"], StopRule(load_tokenizer(spec["tokenizer"])),
+                                     batch=spec["batch"])
+    seconds = time.perf_counter() - start
+    return {"completion_ids": outputs, "seconds": seconds, "generated_tokens": sum(map(len, outputs))}
+
+
 def measure(spec: dict) -> dict:
     from runtimes import open_runtime, peak_rss_bytes
 
@@ -47,7 +61,11 @@ def measure(spec: dict) -> dict:
     runs = [runtime.generate(prompt, new) for _ in range(spec["reps"])]
     prefill = [len(prompt) / g.prefill_seconds for g in runs]
     decode = [g.decode_tokens_per_second for g in runs]
+    result = {}
+    if spec.get("humaneval"):
+        result["humaneval_generation"] = generate_humaneval(runtime, spec["humaneval"])
     return {
+        **result,
         "info": runtime.info(),
         "load_seconds": load_seconds,
         "perplexity": math.exp(total / count) if count else None,

@@ -41,9 +41,15 @@ from .gguf_format import (
 )
 from .gguf_tokenizer import add_tokenizer
 
-WEIGHT_FORMATS = ("q8_0", "f16", "f32")
+DIRECT_FORMATS = ("q8_0", "f16", "f32")  # written by the gguf package
+# made by llama-quantize from an F32 file of the same tensors (the k-quant mixes are llama.cpp's own); a row whose
+# length is not a multiple of the type's block falls back to a type llama-quantize picks, named in the summary
+QUANTIZE_TYPES = {"q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q4_0": "Q4_0",
+                  "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}
+WEIGHT_FORMATS = DIRECT_FORMATS + tuple(QUANTIZE_TYPES)
 DEFAULT_WEIGHTS = "q8_0"
-Q8_0_BLOCK = 32
+KEEP_8BIT_TYPE = "q8_0"
+Q8_0_BLOCK = 32  # also Q4_0's block: factor ranks are padded to it for every quantized format
 
 
 def _file_type(weights: str):
@@ -134,10 +140,10 @@ class _Config:
 class _Converter:
     """Turns a loaded (dense or LowRankLinear) model's tensors into GGUF tensors."""
 
-    def __init__(self, cfg: _Config, weights: str, layout: str, fuse: bool = True) -> None:
+    def __init__(self, cfg: _Config, weights: str, layout: str, fuse: bool = True, pad_ranks: bool = False) -> None:
         import gguf
 
-        self.cfg, self.weights, self.layout, self.fuse = cfg, weights, layout, fuse
+        self.cfg, self.weights, self.layout, self.fuse, self.pad_ranks = cfg, weights, layout, fuse, pad_ranks
         arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == cfg.arch)
         self.names = gguf.get_tensor_name_map(arch, cfg.n_layer)
         self.ranks: list[int] = []
@@ -189,7 +195,7 @@ class _Converter:
             if self.layout == "dense":
                 yield base + ".weight", b.float() @ a.float(), True
             else:
-                if self.weights == "q8_0":
+                if self.pad_ranks:
                     a, b = pad_rank(a, b, Q8_0_BLOCK)
                 self.ranks.append(module.rank)
                 factors[base] = (a, b)
@@ -250,6 +256,52 @@ def _basel_metadata(writer, model_dir: Path, layout: str, ranks: list[int]) -> N
             writer.add_uint64(key, int(dims.params[value]))
 
 
+def parse_keep_8bit(text: str | None) -> tuple[str, ...]:
+    """`embedding,output,0,1` -> ("embedding", "output", "0", "1"): tensors a 4-bit export keeps at Q8_0."""
+    if not text:
+        return ()
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in items if t not in ("embedding", "output") and not t.isdigit()]
+    if bad:
+        raise UserError(f"--keep-8bit: {', '.join(bad)} not understood; give embedding, output and/or layer numbers")
+    return items
+
+
+def _quantize_options(keep_8bit: tuple[str, ...], n_layer: int) -> list[str]:
+    options = []
+    for item in keep_8bit:
+        if item == "embedding":
+            options += ["--token-embedding-type", KEEP_8BIT_TYPE]
+        elif item == "output":
+            options += ["--output-tensor-type", KEEP_8BIT_TYPE]
+        else:
+            if int(item) >= n_layer:
+                raise UserError(f"--keep-8bit: layer {item} does not exist (the model has {n_layer})")
+            options += ["--tensor-type", rf"^blk\.{int(item)}\.={KEEP_8BIT_TYPE}"]
+    return options
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type a GGUF holds (what llama-quantize actually chose)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def requantize(src: Path, dst: Path, weights: str, options: list[str] = ()) -> None:
+    """An F32/F16 GGUF to one of QUANTIZE_TYPES with llama-quantize (`options`: its per-tensor type flags)."""
+    from runtimes import Unavailable
+    from runtimes.llama_cpp.tools import llama_quantize
+
+    try:
+        llama_quantize(src, dst, QUANTIZE_TYPES[weights], threads=os.cpu_count() or 1, options=list(options))
+    except Unavailable as exc:
+        raise UserError(f"--weights {weights} is made by llama-quantize: {exc}") from None
+
+
 def export_gguf(
     model_spec: str | Path,
     output: str | Path,
@@ -258,9 +310,10 @@ def export_gguf(
     overwrite: bool = False,
     progress: bool = True,
     fuse: bool = True,
+    keep_8bit: tuple[str, ...] = (),
 ) -> dict:
     """Write `model_spec` (dense or factorized checkpoint) as a GGUF of its family's architecture at `output`;
-    return a summary."""
+    return a summary. 4-bit and the other llama-quantize formats go through an F32 file of the same tensors."""
     import gguf
     from tqdm import tqdm
 
@@ -281,11 +334,16 @@ def export_gguf(
         raise UserError(f"output {output} already exists; choose another path or pass --overwrite")
     if output.is_dir():
         raise UserError(f"output {output} is a directory; give a .gguf file path")
+    if keep_8bit and weights not in QUANTIZE_TYPES:
+        raise UserError(f"--keep-8bit applies to the llama-quantize formats ({', '.join(QUANTIZE_TYPES)}), not {weights}")
     cfg = _Config(json.loads((ref.path / "config.json").read_text()), ref.path)
+    quantize_options = _quantize_options(keep_8bit, cfg.n_layer)
     model = load_model(ref.path)
-    if layout == "factorized" and weights == "q8_0":
-        balance_factors_(model)  # Q8_0 mul_mat quantizes the activation a·x per block of 32; see balance_factors_
-    converter = _Converter(cfg, weights, layout, fuse)
+    quantized = weights not in ("f16", "f32")
+    if layout == "factorized" and quantized:
+        balance_factors_(model)  # quantized mul_mat quantizes the activation a·x per block; see balance_factors_
+    written = "f32" if weights in QUANTIZE_TYPES else weights
+    converter = _Converter(cfg, written, layout, fuse, pad_ranks=quantized)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
@@ -294,13 +352,13 @@ def export_gguf(
     try:
         writer = gguf.GGUFWriter(tmp, cfg.arch)
         cfg.add_to(writer)
-        writer.add_file_type(_file_type(weights))
+        writer.add_file_type(_file_type(written))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, ref.path, cfg.vocab_size)
         n_tensors = 0
         with torch.no_grad():
             items = list(converter.tensors(model))
-            bar = tqdm(items, desc=f"gguf {weights} {layout}", unit="tensor", disable=not progress)
+            bar = tqdm(items, desc=f"gguf {written} {layout}", unit="tensor", disable=not progress)
             for name, tensor, quantizable in bar:
                 data, qtype = converter.encode(tensor, quantizable)
                 bar.set_postfix_str(f"{name} {qtype.name} {tuple(tensor.shape)}", refresh=False)
@@ -311,6 +369,12 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
+        if weights in QUANTIZE_TYPES:
+            f32, tmp = tmp, tmp.with_name(tmp.name + ".quantized")
+            try:
+                requantize(f32, tmp, weights, quantize_options)
+            finally:
+                f32.unlink(missing_ok=True)
         tmp.replace(output)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -321,6 +385,8 @@ def export_gguf(
         "architecture": cfg.arch,
         "layout": layout,
         "weights": weights,
+        "keep_8bit": list(keep_8bit),
+        "tensor_types": tensor_types(output),
         "tensors": n_tensors,
         "factorized_linears": len(converter.ranks),
     }
@@ -329,13 +395,17 @@ def export_gguf(
 @register
 class GGUFExporter(Exporter):
     name = "gguf"
-    description = "llama.cpp GGUF, --weights q8_0 (default) | f16 | f32; factorized layers need the patched llama.cpp"
+    description = (f"llama.cpp GGUF, --weights q8_0 (default) | f16 | f32 | {' | '.join(QUANTIZE_TYPES)} (the last "
+                   "made by llama-quantize); factorized layers need the patched llama.cpp")
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--layout", choices=LAYOUTS, default=None,
                            help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
                                 "back, a standard GGUF (default: factorized for a factorized checkpoint)")
+        group.add_argument("--keep-8bit", metavar="LIST",
+                           help="llama-quantize formats: keep these at Q8_0, comma-separated: embedding, output "
+                                "(lm_head) and/or layer numbers, e.g. embedding,output,0,1")
         group.add_argument("--no-fuse", action="store_true",
                            help="factorized layout: one _lr_a per projection instead of one for q/k/v and one for "
                                 "gate/up (the unfused form, for comparison)")
@@ -344,6 +414,7 @@ class GGUFExporter(Exporter):
         summary = export_gguf(
             args.model, args.output, weights=args.weights or DEFAULT_WEIGHTS, layout=getattr(args, "layout", None),
             overwrite=args.overwrite, progress=not args.quiet, fuse=not getattr(args, "no_fuse", False),
+            keep_8bit=parse_keep_8bit(getattr(args, "keep_8bit", None)),
         )
         if args.json:
             print(json.dumps(summary, indent=2))

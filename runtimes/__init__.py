@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -69,6 +69,18 @@ class Runtime:
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
         """Greedy generation with timings."""
         raise NotImplementedError
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       stop: Callable[[int, list[int]], bool] | None = None, batch: int = 8) -> list[list[int]]:
+        """Greedy continuations of several prompts; `stop(i, new_ids)` ends prompt i's early (it is asked after
+        every token). Engines that batch override this and run up to `batch` sequences at once; the default runs
+        the prompts one by one through `generate` to `max_new_tokens` and cuts each at its first stop."""
+        outputs = []
+        for i, prompt in enumerate(prompts):
+            tokens = self.generate(prompt, max_new_tokens).token_ids
+            end = next((n for n in range(1, len(tokens) + 1) if stop and stop(i, tokens[:n])), len(tokens))
+            outputs.append(tokens[:end])
+        return outputs
 
     def info(self) -> dict:
         """Engine, version, threads, file size."""

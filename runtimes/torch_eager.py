@@ -50,6 +50,38 @@ class TorchRuntime(Runtime):
             tokens.append(int(out.logits[0, -1].argmax()))
         return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes())
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts, max_new_tokens, stop=None, batch=8):
+        """Batches of prompts of similar length, left-padded, through transformers' `generate` (greedy)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        pad = self.model.config.pad_token_id
+        pad = pad if pad is not None else 0
+        for start in range(0, len(order), batch):
+            chunk = order[start:start + batch]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+
+            class Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    new = input_ids[:, width:].tolist()
+                    return torch.tensor([bool(stop and stop(chunk[row], new[row])) for row in range(len(chunk))])
+
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                      stopping_criteria=StoppingCriteriaList([Stop()]))
+            for row, i in enumerate(chunk):
+                tokens = out[row, width:].tolist()
+                end = next((n for n in range(1, len(tokens) + 1) if stop and stop(i, tokens[:n])), len(tokens))
+                outputs[i] = tokens[:end]
+        return outputs
+
     def info(self):
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self.path.is_dir() else 0
         return {"engine": "torch", "version": torch.__version__, "device": self.device, "threads": self.threads, "bytes": size}

@@ -9,6 +9,12 @@ import pytest
 import torch
 
 from basel_edge.tiny import make_tiny_llama
+from runtimes.llama_cpp import patched_binding_installed
+
+needs_llama_cpp = pytest.mark.skipif(
+    not patched_binding_installed(),
+    reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build` (make setup)",
+)
 
 
 def llama_tokenizer_in_child(path: str, texts: list[str], id_lists: list[list[int]]) -> tuple[list, list]:

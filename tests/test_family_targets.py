@@ -23,8 +23,8 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import decoder_linears
 from basel_edge.models import load_dense, load_tokenizer
 from basel_edge.tiny import make_tiny_model
+from conftest import needs_llama_cpp
 from runtimes.isolation import run_isolated
-from runtimes.llama_cpp import patched_binding_installed
 
 HIDDEN, MLP = 64, 128  # whole Q8_0 blocks
 FAMILIES = {
@@ -32,7 +32,6 @@ FAMILIES = {
     "gemma3": ("gemma3_text", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
                                "layer_types": ["sliding_attention", "full_attention"]}),
 }
-needs_llama_cpp = pytest.mark.skipif(not patched_binding_installed(), reason="the patched llama-cpp-python is not built")
 quiet = lambda *a: None  # noqa: E731
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import llama_tokenizer_in_child, make_tiny_llama
+from conftest import llama_tokenizer_in_child, make_tiny_llama, needs_llama_cpp
 
 from basel_edge.checkpoint import load_model, save_factorized
 from basel_edge.cli import main
@@ -29,12 +29,7 @@ from exporters.gguf_format import (
     read_summary,
 )
 from runtimes.isolation import run_isolated
-from runtimes.llama_cpp import patched_binding_installed
 
-needs_llama_cpp = pytest.mark.skipif(
-    not patched_binding_installed(),
-    reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build` (make setup)",
-)
 # Q8_0 rows are blocks of 32: hidden 64 and MLP 128 keep every row length a multiple of 32
 HIDDEN, MLP = 64, 128
 UNICODE_AND_SPECIALS = [
@@ -346,3 +341,37 @@ def test_a_model_converted_from_a_gguf_keeps_that_files_tokenizer(tiny, tmp_path
     assert "tokenizer.ggml.merges" in keys and "tokenizer.ggml.pre" in keys
     for key in keys:
         assert out.fields[key].contents() == writer_side.fields[key].contents(), key
+
+
+@needs_llama_cpp
+def test_4bit_export_quantizes_factors_and_keeps_chosen_tensors_at_8_bits(tiny_rank32, tmp_path):
+    ids = _text_ids(tiny_rank32)
+    q8 = export_gguf(tiny_rank32, tmp_path / "q8.gguf", weights="q8_0", progress=False)
+    q4 = export_gguf(tiny_rank32, tmp_path / "q4.gguf", weights="q4_0", keep_8bit=("embedding", "1"), progress=False)
+    q2 = export_gguf(tiny_rank32, tmp_path / "q2.gguf", weights="q2_k", progress=False)
+    assert q4["bytes"] < q8["bytes"] and q4["layout"] == "factorized"
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "q4.gguf").tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.1.attn_output_lr_b.weight"] == "Q8_0" and types["blk.1.ffn_down_lr_a.weight"] == "Q8_0"
+    assert types["blk.0.attn_output_lr_b.weight"] == "Q4_0" and types["blk.0.ffn_down_lr_a.weight"] == "Q4_0"
+    assert q4["tensor_types"]["Q4_0"] >= 10
+    reference = _torch_logits(tiny_rank32, ids)
+    errors = {}
+    for name in ("q8", "q4", "q2"):
+        logits = _llama_logits(tmp_path / f"{name}.gguf", ids)
+        errors[name] = float(np.abs(logits - reference).mean())
+    # fewer bits, more error: a 4-bit file that computed something else (or nothing) breaks the order
+    assert errors["q8"] < errors["q4"] < errors["q2"], errors
+    assert (_llama_logits(tmp_path / "q4.gguf", ids).argmax(-1) == reference.argmax(-1)).mean() >= 0.5
+
+
+def test_keep_8bit_is_checked_at_the_edge(tiny_rank32, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    for extra, message in ((["--weights", "q8_0", "--keep-8bit", "embedding"], "--keep-8bit applies"),
+                           (["--weights", "q4_0", "--keep-8bit", "lm_head"], "lm_head not understood"),
+                           (["--weights", "q4_0", "--keep-8bit", "99"], "layer 99 does not exist")):
+        assert main(["export", "--target", "gguf", str(tiny_rank32), "-o", str(out), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))

@@ -125,6 +125,68 @@ class LlamaCppRuntime(Runtime):
         return Generation(tokens, prefill, time.perf_counter() - start, peak_rss_bytes(),
                           extra={"factorized": read_summary(self.path).factorized})
 
+    def generate_batch(self, prompts, max_new_tokens, stop=None, batch=8):
+        """Continuous batching: up to `batch` sequences decode together in one llama.cpp context (one KV
+        stream each); a finished sequence's slot takes the next prompt at once. Greedy, like `generate`."""
+        import llama_cpp as lc
+
+        per_seq = -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // 256) * 256  # llama.cpp pads n_ctx to 256
+        parallel = max(1, min(batch, len(prompts)))
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = per_seq * parallel, parallel, False
+        params.n_batch = params.n_ubatch = 512
+        params.n_threads = params.n_threads_batch = self.threads
+        ctx = lc.llama_init_from_model(self.llm._model.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a {parallel}-sequence context of {per_seq} tokens each")
+        batch = lc.llama_batch_init(params.n_batch, 0, 1)
+        n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.llm._model.model))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        queue = list(range(len(prompts)))
+        slots: dict[int, dict] = {}  # seq id -> {"prompt": index, "fed": prompt tokens fed, "pos": next position}
+        try:
+            memory = lc.llama_get_memory(ctx)
+            while queue or slots:
+                for seq in range(parallel):
+                    if seq not in slots and queue:
+                        slots[seq] = {"prompt": queue.pop(0), "fed": 0, "pos": 0}
+                batch.n_tokens, wanted = 0, {}
+
+                def add(token: int, pos: int, seq: int, logits: bool) -> None:
+                    n = batch.n_tokens
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, logits
+                    batch.seq_id[n][0] = seq
+                    batch.n_tokens = n + 1
+
+                for seq, slot in slots.items():  # decoding sequences first: one token each
+                    prompt = prompts[slot["prompt"]]
+                    if slot["fed"] == len(prompt):
+                        wanted[batch.n_tokens] = seq
+                        add(outputs[slot["prompt"]][-1], slot["pos"], seq, True)
+                        slot["pos"] += 1
+                for seq, slot in slots.items():  # then prompt chunks, as far as the batch has room
+                    prompt = prompts[slot["prompt"]]
+                    while slot["fed"] < len(prompt) and batch.n_tokens < params.n_batch:
+                        last = slot["fed"] == len(prompt) - 1
+                        if last:
+                            wanted[batch.n_tokens] = seq
+                        add(prompt[slot["fed"]], slot["pos"], seq, last)
+                        slot["fed"] += 1
+                        slot["pos"] += 1
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed during batched generation")
+                for i, seq in wanted.items():
+                    row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                    index = slots[seq]["prompt"]
+                    outputs[index].append(int(row.argmax()))
+                    if len(outputs[index]) >= max_new_tokens or (stop and stop(index, outputs[index])):
+                        lc.llama_memory_seq_rm(memory, seq, -1, -1)
+                        del slots[seq]
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+        return outputs
+
     def close(self) -> None:
         """Free the model now (llama-cpp-python otherwise frees it at interpreter exit, noisily)."""
         self.llm.close()

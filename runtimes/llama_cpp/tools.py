@@ -81,7 +81,10 @@ def llama_perplexity(model: str | Path, text_file: str | Path, threads: int, ctx
     return parse_perplexity(out)
 
 
-def llama_quantize(src: str | Path, dst: str | Path, qtype: str, threads: int = 1, timeout: float | None = 900) -> Path:
-    """Requantize a GGUF (e.g. a dense Q8_0/F16 file to Q4_0); factor tensors may fall back to other types."""
-    _run([str(tool("llama-quantize")), "--allow-requantize", str(src), str(dst), qtype, str(threads)], timeout)
+def llama_quantize(src: str | Path, dst: str | Path, qtype: str, threads: int = 1, timeout: float | None = 900,
+                   options: list[str] | None = None) -> Path:
+    """Requantize a GGUF (e.g. a dense Q8_0/F16 file to Q4_0); factor tensors may fall back to other types.
+    `options`: more llama-quantize flags (--token-embedding-type, --tensor-type, ...)."""
+    _run([str(tool("llama-quantize")), "--allow-requantize", *(options or []), str(src), str(dst), qtype,
+          str(threads)], timeout)
     return Path(dst)
