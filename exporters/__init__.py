@@ -33,6 +33,21 @@ class Exporter:
         raise NotImplementedError
 
 
+KEEP_8BIT_NAMES = ("embedding", "output")  # --keep-8bit items besides layer numbers
+
+
+def parse_keep_8bit(text: str | None) -> tuple[str, ...]:
+    """`embedding,output,0,1` -> ("embedding", "output", "0", "1"): what a 4-bit export keeps at 8 bits."""
+    if not text:
+        return ()
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in items if t not in KEEP_8BIT_NAMES and not t.isdigit()]
+    if bad:
+        raise UserError(f"--keep-8bit: {', '.join(bad)} not understood; give embedding, output (the lm_head) "
+                        "and/or layer numbers")
+    return items
+
+
 def register(cls: type[Exporter]) -> type[Exporter]:
     """Class decorator: make an exporter available under `cls.name`."""
     EXPORTERS[cls.name] = cls

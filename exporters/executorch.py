@@ -42,12 +42,13 @@ from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, unti
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 from basel_edge.rotation import rotate_hidden_
 
-from . import Exporter, register
+from . import Exporter, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement
 
 PTE_FILE = "model.pte"
 EXPORT_INFO_FILE = "basel-export.json"
-WEIGHT_FORMATS = ("int8", "fp32")
+WEIGHT_FORMATS = ("int8", "int4", "fp32")
+INT4_GROUP = 32  # 8da4w weight group along the input dim; a linear whose input is not a multiple stays 8da8w
 ATTENTION_NAME = "basel_executorch_sdpa"
 LINEAR_OPS = ("aten.linear.default", "aten.mm.default", "aten.addmm.default")
 
@@ -72,6 +73,11 @@ class ExecutorchExportConfig:
     min_lowering_agreement: float = 0.95
     lowering_margin: float = 0.5
     min_kv_agreement: float = 0.75
+    # int4 vs fp32: floors that still catch a dropped scale or wrong kernel (~0) under 4-bit noise
+    min_agreement_int4: float = 0.6
+    max_kl_int4: float = 0.5
+    # int4: linears kept at 8da8w: "output" (the lm_head) and/or layer numbers
+    keep_8bit: tuple[str, ...] | None = None
     # int8: rotate the hidden space before quantizing (basel_edge.rotation); None = factorized checkpoints only.
     # SVD-LLM keep 0.5 SmolLM2 without it: eager 8da8w top-1 0.81 vs fp32, and the .pte 0.81 vs its own eager
     # model, as two int8 runs that differ only in float rounding order diverge that much (issue 6)
@@ -91,11 +97,30 @@ class ExecutorchExportConfig:
             raise UserError(f"minimum top-1 agreements must be in (0, 1], got {self.min_agreement}, {self.min_lowering_agreement}")
         if not 0.0 < self.min_kv_agreement <= 1.0:
             raise UserError(f"minimum KV-cache agreement must be in (0, 1], got {self.min_kv_agreement}")
+        if self.keep_8bit is not None and self.weights != "int4":
+            raise UserError(f"--keep-8bit applies to --weights int4, not {self.weights}")
+        if self.keep_8bit is None:
+            self.keep_8bit = ("output",) if self.weights == "int4" else ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights != "fp32"
 
     def scheme(self) -> dict:
         """What is written into the export's metadata."""
         if self.weights == "fp32":
             return {"weights": "fp32", "backend": "XNNPACK"}
+        if self.weights == "int4":
+            return {
+                "weights": "int4",
+                "backend": "XNNPACK",
+                "linear": f"torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, "
+                          f"weight_granularity=PerGroup({INT4_GROUP})) (8da4w); inputs not a multiple of "
+                          f"{INT4_GROUP} and {', '.join(self.keep_8bit) or 'nothing'} kept at 8da8w",
+                "embedding": "torchao IntxWeightOnlyConfig(int8, PerAxis(0)) -> quantized_decomposed::embedding_byte",
+                "activations": "float32, quantized per token to int8 inside each linear",
+                "why": "ExecuTorch's 4-bit scheme for XNNPACK",
+            }
         return {
             "weights": "int8",
             "backend": "XNNPACK",
@@ -159,19 +184,36 @@ class StaticCacheDecoder(nn.Module):
         return self.model(input_ids=tokens, position_ids=positions, use_cache=False, et_cache=cache, et_start=start).logits
 
 
-def quantize_int8_(model: nn.Module) -> None:
-    """8da8w on every linear (factors, dense projections, lm_head), int8 per row on the embedding."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+def _kept_8bit(fqn: str, keep_8bit: tuple[str, ...]) -> bool:
+    return ("output" in keep_8bit and fqn == "lm_head") or any(
+        fqn.startswith(f"model.layers.{k}.") for k in keep_8bit if str(k).isdigit())
+
+
+def quantize_(model: nn.Module, weights: str = "int8", keep_8bit: tuple[str, ...] = ()) -> None:
+    """8da8w (int8) or 8da4w (int4, groups of INT4_GROUP) on every linear (factors, dense projections,
+    lm_head), int8 per row on the embedding; with int4, `keep_8bit` linears and those whose input is not a
+    whole number of groups get 8da8w."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization import quantize_ as torchao_quantize
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
     untie_embeddings_(model)
     balance_factors_(model)
-    quantize_(
+    torchao_quantize(
         model,
         IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
         lambda module, fqn: isinstance(module, nn.Embedding),
     )
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+    four_bit = {fqn for fqn, m in model.named_modules() if weights == "int4" and isinstance(m, nn.Linear)
+                and m.in_features % INT4_GROUP == 0 and not _kept_8bit(fqn, keep_8bit)}
+    if four_bit:
+        torchao_quantize(
+            model,
+            Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP)),
+            lambda m, fqn: fqn in four_bit,
+        )
+    torchao_quantize(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                     lambda m, fqn: isinstance(m, nn.Linear) and fqn not in four_bit)
 
 
 class DelegableRMSNorm(nn.Module):
@@ -206,7 +248,7 @@ def replace_rms_norms_(model: nn.Module) -> int:
 
 
 def should_rotate(model: nn.Module, config: ExecutorchExportConfig) -> bool:
-    if config.weights != "int8":
+    if not config.quantized:
         return False
     if config.rotate is None:
         return any(isinstance(m, LowRankLinear) for m in model.modules())
@@ -225,8 +267,8 @@ def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
     if should_rotate(model, config):
         untie_embeddings_(model)
         rotated = rotate_hidden_(model)
-    if config.weights == "int8":
-        quantize_int8_(model)
+    if config.quantized:
+        quantize_(model, config.weights, config.keep_8bit)
     replace_rms_norms_(model)
     model.basel_rotated = rotated
     return model
@@ -378,7 +420,7 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][: config.max_seq_len]
         with torch.no_grad():
             refs.append(reference(input_ids=torch.tensor([ids])).logits[0].float().numpy())
-            if config.weights == "int8":
+            if config.quantized:
                 with quiet_native_stderr():
                     eager.append(decoder(torch.tensor([ids]), torch.tensor([0]))[0].float().numpy())
         cands.append(runtime.logits(ids))
@@ -395,13 +437,16 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
         lowering["decided"] = decided
         report.metrics["vs_eager_int8"] = lowering
         report.add(
-            "top-1 agreement vs eager int8 (lowering)",
+            f"top-1 agreement vs eager {config.weights} (lowering)",
             decided["positions"] > 0 and decided["top1_agreement"] >= config.min_lowering_agreement,
-            f"{decided['top1_agreement']:.4f} over the {decided['positions']} positions eager int8 decides by "
+            f"{decided['top1_agreement']:.4f} over the {decided['positions']} positions eager {config.weights} decides by "
             f"≥ {config.lowering_margin} nats (min {config.min_lowering_agreement}); all {lowering['positions']}: "
             f"{lowering['top1_agreement']:.4f}, max abs diff {lowering['max_abs_diff']:.2e}",
         )
-        report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
+        if config.weights == "int4":
+            report.add_int8_floors(metrics, config.min_agreement_int4, config.max_kl_int4, label="int4")
+        else:
+            report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
     report.add_kv_cache_check(runtime, prompt_ids, 8, config.weights == "fp32", config.min_kv_agreement)
     report.add("every linear in an XNNPACK delegate", sum(outside.values()) == 0, f"{sum(inside.values())} delegated, {sum(outside.values())} outside")
@@ -482,17 +527,19 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
 @register
 class ExecutorchExporter(Exporter):
     name = "executorch"
-    description = ".pte with static KV cache for ExecuTorch/XNNPACK; --weights int8 (default, 8da8w) | fp32"
+    description = ".pte with static KV cache for ExecuTorch/XNNPACK; --weights int8 (default, 8da8w) | int4 (8da4w) | fp32"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         parser.add_argument("--max-seq-len", type=int, default=1024, help="static KV cache length (executorch target)")
 
     def export(self, args: argparse.Namespace) -> int:
+        keep = parse_keep_8bit(args.keep_8bit)
         config = ExecutorchExportConfig(
             weights=args.weights or "int8",
             max_seq_len=args.max_seq_len,
             validate=not getattr(args, "no_validate", False),
+            **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
         )
         log = (lambda *a: None) if args.json or args.quiet else print
         info = export_executorch(args.model, args.output, config, overwrite=args.overwrite, log=log)

@@ -21,7 +21,7 @@ import torch
 
 from basel_edge.errors import UserError
 
-from . import Exporter, register
+from . import Exporter, parse_keep_8bit, register
 from .gguf_format import (
     FORMAT_VERSION,
     FUSED_FIRST_FACTORS,
@@ -256,17 +256,6 @@ def _basel_metadata(writer, model_dir: Path, layout: str, ranks: list[int]) -> N
             writer.add_uint64(key, int(dims.params[value]))
 
 
-def parse_keep_8bit(text: str | None) -> tuple[str, ...]:
-    """`embedding,output,0,1` -> ("embedding", "output", "0", "1"): tensors a 4-bit export keeps at Q8_0."""
-    if not text:
-        return ()
-    items = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in items if t not in ("embedding", "output") and not t.isdigit()]
-    if bad:
-        raise UserError(f"--keep-8bit: {', '.join(bad)} not understood; give embedding, output and/or layer numbers")
-    return items
-
-
 def _quantize_options(keep_8bit: tuple[str, ...], n_layer: int) -> list[str]:
     options = []
     for item in keep_8bit:
@@ -403,9 +392,6 @@ class GGUFExporter(Exporter):
         group.add_argument("--layout", choices=LAYOUTS, default=None,
                            help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
                                 "back, a standard GGUF (default: factorized for a factorized checkpoint)")
-        group.add_argument("--keep-8bit", metavar="LIST",
-                           help="llama-quantize formats: keep these at Q8_0, comma-separated: embedding, output "
-                                "(lm_head) and/or layer numbers, e.g. embedding,output,0,1")
         group.add_argument("--no-fuse", action="store_true",
                            help="factorized layout: one _lr_a per projection instead of one for q/k/v and one for "
                                 "gate/up (the unfused form, for comparison)")

@@ -37,13 +37,15 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
-from . import Exporter, register
+from . import Exporter, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 EXPORT_INFO_FILE = "basel-export.json"
-WEIGHT_FORMATS = ("int8", "fp32")
+WEIGHT_FORMATS = ("int8", "int4", "fp32")
+BITS = {"int8": 8, "int4": 4}
+KEEP_8BIT_DEFAULT = ("output",)  # int4: the lm_head stays at 8 bits (the embedding Gather is int8 either way)
 DEFAULT_OPSET = 21
 PROTOBUF_LIMIT = 2**31 - 1
 METADATA_PREFIX = "basel."
@@ -67,6 +69,11 @@ class OnnxExportConfig:
     # SmolLM2 SVD-LLM keep 0.5 + 120 fine-tuning steps flipped one of 8 exact-recompute tokens at a 0.10-nat
     # margin on an Intel Xeon VM (0.875 teacher-forced); a broken cache disagrees on most tokens
     min_kv_agreement: float = 0.75
+    # int4 floors: a dropped scale or wrong kernel still scores ~0; 4-bit noise alone measured
+    # SmolLM2 dense top-1 {INT4_MEASURED} vs fp32 (see README)
+    min_agreement_int4: float = 0.6
+    max_kl_int4: float = 0.5
+    keep_8bit: tuple[str, ...] | None = None  # int4: "output" (lm_head) and/or layer numbers; None: KEEP_8BIT_DEFAULT
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +87,14 @@ class OnnxExportConfig:
             raise UserError(f"block size must be a power of two >= 16, got {self.block_size}")
         if not 0.0 < self.min_agreement <= 1.0:
             raise UserError(f"minimum top-1 agreement must be in (0, 1], got {self.min_agreement}")
+        if self.keep_8bit is not None and self.weights != "int4":
+            raise UserError(f"--keep-8bit applies to --weights int4, not {self.weights}")
+        if self.keep_8bit is None:
+            self.keep_8bit = KEEP_8BIT_DEFAULT if self.weights == "int4" else ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in BITS
 
     # min_agreement and max_kl are floors that catch silently wrong lowering (a dropped scale gives KL >> 1);
     # the measured fidelity is reported either way. SmolLM2 int8 measured top-1 0.98 / KL 0.007 dense and
@@ -90,13 +105,18 @@ class OnnxExportConfig:
         """What is written into the model's metadata."""
         if self.weights == "fp32":
             return {"weights": "fp32"}
-        return {
-            "weights": "int8",
-            "linear": f"MatMulNBits bits=8 symmetric block_size={self.block_size} accuracy_level={self.accuracy_level}",
+        scheme = {
+            "weights": self.weights,
+            "linear": f"MatMulNBits bits={BITS[self.weights]} symmetric block_size={self.block_size} "
+                      f"accuracy_level={self.accuracy_level}",
             "embedding": "Gather int8 per-row symmetric, float scale",
             "activations": "float32",
             "why": "fastest measured CPU decode at near-fp32 perplexity (DESIGN.md section 5)",
         }
+        if self.weights == "int4":
+            scheme["kept_at_8_bits"] = list(self.keep_8bit)
+            scheme["why"] = "the 4-bit baseline of onnxruntime users (MatMulNBits 4-bit, block 32)"
+        return scheme
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -209,21 +229,28 @@ def name_nodes_by_module(proto) -> None:
                     node.input[i] = new
 
 
-def quantize_matmuls_int8(proto, block_size: int, accuracy_level: int):
-    """Every MatMul with a constant weight → MatMulNBits (8-bit, symmetric, blockwise)."""
+def _kept_node(name: str, keep_8bit: tuple[str, ...]) -> bool:
+    return ("output" in keep_8bit and name.startswith("/lm_head/")) or any(
+        name.startswith(f"/model/layers/{k}/") for k in keep_8bit if str(k).isdigit())
+
+
+def quantize_matmuls(proto, bits: int, block_size: int, accuracy_level: int, keep_8bit: tuple[str, ...] = ()):
+    """Every MatMul with a constant weight → MatMulNBits (`bits`, symmetric, blockwise); with 4 bits, the
+    MatMuls of `keep_8bit` (lm_head as "output", layer numbers) get 8 bits."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        proto,
-        bits=8,
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=accuracy_level,
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    return quantizer.model.model
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    kept = {name for name in matmuls if _kept_node(name, keep_8bit)} if bits < 8 else set()
+    # nodes_to_include only adds to op_types_to_quantize, so each pass excludes the other pass's nodes
+    passes = ([(8, set(matmuls) - kept)] if kept else []) + [(bits, kept)]
+    for nbits, exclude in passes:
+        quantizer = MatMulNBitsQuantizer(proto, bits=nbits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
+                                         nodes_to_exclude=sorted(exclude))
+        quantizer.process()
+        proto = quantizer.model.model
+    return proto
 
 
 def quantize_embedding_int8(proto) -> str | None:
@@ -306,6 +333,8 @@ def validate(out_dir: Path, model: nn.Module, tokenizer, config: OnnxExportConfi
     report.metrics.update(metrics)
     if config.weights == "fp32":
         report.add_fp32_match(metrics, np.concatenate(refs), config.atol, config.rtol)
+    elif config.weights == "int4":
+        report.add_int8_floors(metrics, config.min_agreement_int4, config.max_kl_int4, label="int4")
     else:
         report.add_int8_floors(metrics, config.min_agreement, config.max_kl)
     prompt_ids = tokenizer(VALIDATION_PROMPTS[0], add_special_tokens=False)["input_ids"]
@@ -326,15 +355,16 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, config: OnnxExportC
     factorized = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     tokenizer = load_tokenizer(ref.path)
     untie_embeddings_(model)
-    if config.weights == "int8":
+    if config.quantized:
         balance_factors_(model)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         log(f"basel-edge: exporting {ref.path} to ONNX (opset {config.opset}, {'factorized' if factorized else 'dense'})")
         proto = export_fp32(model, config.opset)
         name_nodes_by_module(proto)
-        if config.weights == "int8":
-            log("basel-edge: quantizing weights to int8 (MatMulNBits, embedding Gather)")
-            proto = quantize_matmuls_int8(proto, config.block_size, config.accuracy_level)
+        if config.quantized:
+            log(f"basel-edge: quantizing weights to {config.weights} (MatMulNBits, embedding Gather int8)")
+            proto = quantize_matmuls(proto, BITS[config.weights], config.block_size, config.accuracy_level,
+                                     config.keep_8bit if config.weights == "int4" else ())
             quantize_embedding_int8(proto)
         scheme = config.scheme()
         meta = {
@@ -374,7 +404,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, config: OnnxExportC
 @register
 class OnnxExporter(Exporter):
     name = "onnx"
-    description = "decoder with KV cache for onnxruntime; --weights int8 (default) | fp32"
+    description = "decoder with KV cache for onnxruntime; --weights int8 (default) | int4 | fp32"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -382,8 +412,10 @@ class OnnxExporter(Exporter):
         parser.add_argument("--no-validate", action="store_true", help="skip the checks after export")
 
     def export(self, args: argparse.Namespace) -> int:
+        keep = parse_keep_8bit(args.keep_8bit)
         config = OnnxExportConfig(
-            weights=args.weights or "int8", opset=args.opset, validate=not args.no_validate
+            weights=args.weights or "int8", opset=args.opset, validate=not args.no_validate,
+            **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
         )
         log = (lambda *a: None) if args.json or args.quiet else print
         info = export_onnx(args.model, args.output, config, overwrite=args.overwrite, log=log)

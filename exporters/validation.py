@@ -101,11 +101,12 @@ class ValidationReport:
         self.add("KV-cache decode vs full recompute (int8)", agree >= min_agreement,
                  f"{agree:.3f} of {steps} tokens (min {min_agreement})")
 
-    def add_int8_floors(self, metrics: dict, min_agreement: float, max_kl: float) -> None:
-        """int8 export vs the fp32 model: top-1 agreement and mean KL floors (the same for every target)."""
-        self.add("top-1 agreement vs torch fp32 (int8)", metrics["top1_agreement"] >= min_agreement,
+    def add_int8_floors(self, metrics: dict, min_agreement: float, max_kl: float, label: str = "int8") -> None:
+        """Quantized export vs the fp32 model: top-1 agreement and mean KL floors (the same for every target)."""
+        self.add(f"top-1 agreement vs torch fp32 ({label})", metrics["top1_agreement"] >= min_agreement,
                  f"{metrics['top1_agreement']:.4f} over {metrics['positions']} positions (min {min_agreement})")
-        self.add("mean KL vs torch fp32 (int8)", metrics["mean_kl"] <= max_kl, f"{metrics['mean_kl']:.2e} (max {max_kl})")
+        self.add(f"mean KL vs torch fp32 ({label})", metrics["mean_kl"] <= max_kl,
+                 f"{metrics['mean_kl']:.2e} (max {max_kl})")
 
 
 def greedy_by_recompute(logits_of, prompt_ids: list[int], steps: int) -> list[int]:

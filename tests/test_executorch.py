@@ -214,13 +214,23 @@ def test_weight_only_int8_lowering_is_caught(factorized, tmp_path, monkeypatch):
 
     import exporters.executorch as target
 
-    def weight_only(model):
+    def weight_only(model, weights, keep_8bit):
         target.untie_embeddings_(model)
         quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
 
-    monkeypatch.setattr(target, "quantize_int8_", weight_only)
+    monkeypatch.setattr(target, "quantize_", weight_only)
     lines = []
     with pytest.raises(UserError, match="validation"):
         export_executorch(factorized, tmp_path / "out", ExecutorchExportConfig(weights="int8", max_seq_len=64), log=lines.append)
     assert any("✗" in line and "lowering" in line for line in lines), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_is_8da4w_with_the_lm_head_at_8_bits_and_passes_its_checks(factorized, exported, tmp_path, positions):
+    info = export_executorch(factorized, tmp_path / "int4", ExecutorchExportConfig(weights="int4", max_seq_len=MAX_SEQ_LEN),
+                             log=quiet)
+    assert info["validation"]["ok"]
+    assert info["scheme"]["weights"] == "int4" and "8da4w" in info["scheme"]["linear"]
+    assert info["bytes"] < exported["int8-info"]["bytes"]
+    got = ExecutorchRuntime.open(tmp_path / "int4").logits(positions)
+    assert (got.argmax(-1) == _torch_logits(factorized, positions).argmax(-1)).mean() >= 0.6

@@ -204,3 +204,24 @@ def test_unavailable_devices(exported):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(Unavailable, match="CUDAExecutionProvider"):
             OrtRuntime.open(exported["fp32"], "cuda")
+
+
+def test_dense_int4_quantizes_to_4_bits_but_keeps_the_lm_head_at_8(tiny_llama, exported, tmp_path, positions):
+    info = export_onnx(tiny_llama, tmp_path / "int4", OnnxExportConfig(weights="int4"), log=lambda *a: None)
+    assert info["validation"]["ok"] and info["scheme"]["kept_at_8_bits"] == ["output"]
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if not name.startswith("/lm_head/")} == {4}
+    assert [b for name, b in bits.items() if name.startswith("/lm_head/")] == [8]
+    assert not any(n.op_type == "MatMul" and n.input[1].startswith("model.") for n in model.graph.node)
+    dense8 = OrtRuntime.open(exported["dense-int8"], "cpu", threads=1).logits(positions)
+    dense4 = OrtRuntime.open(tmp_path / "int4", "cpu", threads=1).logits(positions)
+    reference = _torch_logits(tiny_llama, positions)
+    assert np.abs(dense8 - reference).mean() < np.abs(dense4 - reference).mean()  # 4 bits: more error, not garbage
+    assert (dense4.argmax(-1) == reference.argmax(-1)).mean() >= 0.6
+
+
+def test_keep_8bit_only_with_int4(capsys, factorized, tmp_path):
+    code = main(["export", "--target", "onnx", str(factorized), "-o", str(tmp_path / "x"), "--keep-8bit", "0"])
+    assert code == 2 and "--keep-8bit applies to --weights int4" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
