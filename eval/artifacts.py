@@ -33,6 +33,27 @@ class Artifact:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.name in weights or f.suffix in (".pte", ".ptd"))
 
 
+def traits(artifact: Artifact) -> dict:
+    """Whether an artifact is factorized and its weight format, from what the exporters wrote into it."""
+    if artifact.kind == "torch":
+        return {"factorized": (artifact.path / "basel.json").is_file(), "weights": "fp32"}
+    if artifact.kind == "gguf":
+        from gguf import GGUFReader, LlamaFileType
+
+        from exporters.gguf_format import is_lowrank_tensor
+
+        reader = GGUFReader(artifact.path)
+        field = reader.fields.get("general.file_type")
+        weights = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix(
+            "ALL_").lower() if field else "unknown"
+        return {"factorized": any(is_lowrank_tensor(t.name) for t in reader.tensors), "weights": weights}
+    info = artifact.path / EXPORT_INFO_FILE if artifact.path.is_dir() else None
+    if info is None or not info.is_file():
+        return {"factorized": None, "weights": "unknown"}
+    data = json.loads(info.read_text())
+    return {"factorized": bool(data.get("factorized_linears")), "weights": (data.get("scheme") or {}).get("weights", "unknown")}
+
+
 def _kind(path: Path) -> str:
     if path.is_file():
         suffix = path.suffix.lower()

@@ -26,7 +26,7 @@ from basel_edge.errors import UserError
 from exporters.validation import compare_logits
 from runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
 
-from .artifacts import Artifact, parse_artifact
+from .artifacts import Artifact, parse_artifact, traits
 from .humaneval import HumanEvalConfig
 
 BACKENDS = ("cpu", "mobile", "cuda")
@@ -140,6 +140,24 @@ def _score_humaneval(generation: dict, problems: list[dict], tokenizer, config: 
             "max_new_tokens": config.max_new_tokens, "batch": config.batch_size}
 
 
+def _like_with_like(rows: list[dict]) -> None:
+    """Each factorized row against the dense artifact on the same engine, backend and weight format, when one
+    was validated too: what compression gains over exporting the dense model the same way."""
+    dense = {(r["engine"], r["backend"], r["weights"]): r for r in rows
+             if r["status"] == "ok" and r.get("factorized") is False}
+    for row in rows:
+        base = dense.get((row["engine"], row["backend"], row.get("weights")))
+        if row["status"] != "ok" or not row.get("factorized") or base is None:
+            continue
+        same = {"artifact": base["artifact"], "weights": base["weights"],
+                "bytes": _ratio(row["bytes"], base["bytes"]),
+                "perplexity": _ratio(row["perplexity"], base["perplexity"]),
+                "decode_tps": _ratio(row["decode_tps"]["median"], base["decode_tps"]["median"])}
+        if row.get("humaneval") and base.get("humaneval"):
+            same["humaneval_points"] = 100 * (row["humaneval"]["pass@1"] - base["humaneval"]["pass@1"])
+        row["vs_dense_same_engine"] = same
+
+
 def _ratio(value, base):
     if value is None or base in (None, 0):
         return None
@@ -206,6 +224,7 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
                 "threads": cfg.threads,
                 "bytes": artifact.bytes_on_disk(),
                 "source": str(artifact.source) if artifact.source else None,
+                **traits(artifact),
             }
             reason = skip_reason(artifact, backend)
             if reason:
@@ -251,6 +270,7 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
             "decode_tps": _ratio(row["decode_tps"]["median"], base["decode_tps"]["median"]),
             "peak_rss": _ratio(row["peak_rss_bytes"], base["peak_rss_bytes"]),
         }
+    _like_with_like(rows)
     engines = {}
     for r in rows:
         if r["status"] == "ok":

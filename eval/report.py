@@ -66,6 +66,7 @@ def markdown(report: dict) -> str:
             f"{_mib(r['peak_rss_bytes'])}{_x(ratios.get('peak_rss'))} |"
         )
     lines += humaneval_table(rows)
+    lines += like_with_like_table(rows)
     m = report["machine"]
     notes = [
         "",
@@ -96,6 +97,22 @@ def humaneval_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['artifact']}{' (baseline)' if r['baseline'] else ''} | {r['backend']} | {r['engine']} | "
                      f"{100 * h['pass@1']:.1f} [{100 * h['ci95'][0]:.1f}–{100 * h['ci95'][1]:.1f}] | {delta} | "
                      f"{h['passed']} / {h['n']} | {h.get('timed_out', 0)} | {tps} |")
+    return lines
+
+
+def like_with_like_table(rows: list[dict]) -> list[str]:
+    """Factorized artifacts against the dense model exported to the same engine at the same weight format."""
+    paired = [r for r in rows if r.get("vs_dense_same_engine")]
+    if not paired:
+        return []
+    lines = ["", "| artifact | backend | engine | weights | vs dense | size × | perplexity × | decode tok/s × | "
+             "HumanEval (points) |", "|" + "---|" * 9]
+    for r in paired:
+        v = r["vs_dense_same_engine"]
+        points = v.get("humaneval_points")
+        lines.append(f"| {r['artifact']} | {r['backend']} | {r['engine']} | {v['weights']} | {v['artifact']} | "
+                     f"{v['bytes']:.2f} | {v['perplexity']:.2f} | {v['decode_tps']:.2f} | "
+                     f"{'' if points is None else f'{points:+.1f}'} |")
     return lines
 
 

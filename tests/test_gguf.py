@@ -375,3 +375,26 @@ def test_keep_8bit_is_checked_at_the_edge(tiny_rank32, tmp_path, capsys):
         assert main(["export", "--target", "gguf", str(tiny_rank32), "-o", str(out), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+@needs_llama_cpp
+def test_validate_compares_a_factorized_gguf_with_the_dense_gguf_of_the_same_format(tiny, tiny_rank32, tiny_text_data, tmp_path):
+    from eval.harness import ValidateConfig, run_validation
+
+    export_gguf(tiny, tmp_path / "dense-q8.gguf", progress=False)
+    export_gguf(tiny, tmp_path / "dense-f32.gguf", weights="f32", progress=False)
+    export_gguf(tiny_rank32, tmp_path / "fact-q8.gguf", progress=False)
+    cfg = ValidateConfig(baseline=str(tiny), artifacts=[str(tmp_path / n) for n in ("dense-f32.gguf", "fact-q8.gguf", "dense-q8.gguf")],
+                         out=tmp_path / "report", task=None, data=str(tiny_text_data), threads=1, seq_len=32,
+                         eval_tokens=64, agreement_tokens=48, prompt_tokens=8, new_tokens=4, reps=1)
+    rows = {r["artifact"]: r for r in run_validation(cfg, progress=False)["rows"]}
+    fact = rows["fact-q8.gguf"]
+    assert (fact["factorized"], fact["weights"]) == (True, "q8_0")
+    assert rows["dense-f32.gguf"]["weights"] == "f32" and rows["dense-q8.gguf"]["factorized"] is False
+    same = fact["vs_dense_same_engine"]
+    assert same["artifact"] == "dense-q8.gguf"
+    sizes = {n: (tmp_path / n).stat().st_size for n in ("fact-q8.gguf", "dense-q8.gguf")}
+    assert same["bytes"] == pytest.approx(sizes["fact-q8.gguf"] / sizes["dense-q8.gguf"])
+    assert same["perplexity"] == pytest.approx(fact["perplexity"] / rows["dense-q8.gguf"]["perplexity"])
+    assert "vs_dense_same_engine" not in rows["dense-q8.gguf"]
+    assert "| fact-q8.gguf | cpu | llama_cpp | q8_0 | dense-q8.gguf |" in (tmp_path / "report" / "report.md").read_text()
