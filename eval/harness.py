@@ -141,10 +141,10 @@ def _score_humaneval(generation: dict, problems: list[dict], tokenizer, config: 
 
 
 def _like_with_like(rows: list[dict]) -> None:
-    """Each factorized row against the dense artifact on the same engine, backend and weight format, when one
-    was validated too: what compression gains over exporting the dense model the same way."""
-    dense = {(r["engine"], r["backend"], r["weights"]): r for r in rows
-             if r["status"] == "ok" and r.get("factorized") is False}
+    """Each factorized row against the dense artifact (not the baseline) on the same engine, backend and weight
+    format, when one was validated too: what compression gains over exporting the dense model the same way."""
+    dense = {(r["engine"], r["backend"], r["weights"]): r for r in rows  # the baseline's ratios are there already
+             if r["status"] == "ok" and r.get("factorized") is False and not r["baseline"]}
     for row in rows:
         base = dense.get((row["engine"], row["backend"], row.get("weights")))
         if row["status"] != "ok" or not row.get("factorized") or base is None:
