@@ -254,6 +254,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         reps=args.reps,
         compare_to=args.compare_to,
         humaneval=_humaneval_config(args),
+        timeout_s=args.timeout,
     )
     report = run_validation(cfg, progress=not args.quiet)
     if args.json:
@@ -300,6 +301,8 @@ def _add_validate_parser(sub) -> None:
                    help="also HumanEval pass@1: greedy generation on each artifact's engine, tests run sandboxed")
     p.add_argument("--limit", type=_positive_int, help="HumanEval: only the first N of the 164 problems")
     p.add_argument("--batch", type=_positive_int, default=8, help="HumanEval: sequences generated at once")
+    p.add_argument("--timeout", type=_positive_int,
+                   help="seconds one artifact on one backend may take (default 1800; 14400 with --humaneval)")
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
