@@ -28,7 +28,7 @@ demo-quick: setup
 	$(BE) demo --quick -o $(OUT)/demo-quick
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

@@ -1,7 +1,7 @@
 """Run untrusted generated code (HumanEval completions): one process per program, contained in layers.
 
 Each program runs in a fresh `python -I` child that, before it executes a line of the program, puts itself
-(see ARCHITECTURE.md, "Sandbox"):
+(README.md, `validate --humaneval`):
 1. in new mount and network namespaces (a user namespace too when not root): every mount read-only except its
    own temporary folder, and no network but a loopback that is down;
 2. under rlimits: CPU seconds, address space, file size, open files, processes (as root the child also drops
