@@ -198,10 +198,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.1f} | {r['perplexity']:.3f} | {he}{r['decode_tps']:.1f} | "
                      f"{r['prefill_tps']:.1f} | {'yes' if r['name'] in front else ''} | {types} |")
     n = rows[0]["humaneval"]["n"] if has_he else 0
+    known = sorted({r["calibration_tokens"] for r in rows if r.get("calibration_tokens")})
+    calibration = " / ".join(map(str, known)) + (" (one checkpoint's count was not recorded)" if any(
+        r["method"] != DENSE and not r.get("calibration_tokens") for r in rows) else "") if known else "unrecorded"
     lines += ["", f"{result['model']} on {result['machine']['cpu']} ({result['machine']['cores']} cores), llama.cpp "
               f"{result['engine']}, {result['threads']} threads; perplexity on {result['eval_tokens']} held-out "
               f"python-code tokens" + (f"; HumanEval over {n} problems (greedy, 95% Wilson interval)" if has_he else "")
-              + f". SVD-LLM calibration: python-code, {rows[-1].get('calibration_tokens')} tokens. Frontier: no other "
+              + f". SVD-LLM calibration: python-code, {calibration} tokens. Frontier: no other "
               "point is both smaller and more accurate" + (" (pass@1)." if has_he else " (perplexity).")]
     return "\n".join(lines) + "\n"
 
