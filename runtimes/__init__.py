@@ -75,16 +75,18 @@ class Runtime:
         """Greedy continuations of several prompts; `stop(i, new_ids)` ends prompt i's early (it is asked after
         every token). Engines that batch override this and run up to `batch` sequences at once; the default runs
         the prompts one by one through `generate` to `max_new_tokens` and cuts each at its first stop."""
-        outputs = []
-        for i, prompt in enumerate(prompts):
-            tokens = self.generate(prompt, max_new_tokens).token_ids
-            end = next((n for n in range(1, len(tokens) + 1) if stop and stop(i, tokens[:n])), len(tokens))
-            outputs.append(tokens[:end])
-        return outputs
+        return [cut_at_stop(self.generate(prompt, max_new_tokens).token_ids, i, stop)
+                for i, prompt in enumerate(prompts)]
 
     def info(self) -> dict:
         """Engine, version, threads, file size."""
         raise NotImplementedError
+
+
+def cut_at_stop(tokens: list[int], index: int, stop: Callable[[int, list[int]], bool] | None) -> list[int]:
+    """`tokens` up to and including the first one after which `stop(index, prefix)` holds."""
+    end = next((n for n in range(1, len(tokens) + 1) if stop and stop(index, tokens[:n])), len(tokens))
+    return tokens[:end]
 
 
 def register(cls: type[Runtime]) -> type[Runtime]:

@@ -9,7 +9,7 @@ import torch
 
 from basel_edge.checkpoint import load_model
 
-from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
+from . import Generation, Runtime, Unavailable, cut_at_stop, peak_rss_bytes, register
 
 
 @register
@@ -77,9 +77,7 @@ class TorchRuntime(Runtime):
                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                       stopping_criteria=StoppingCriteriaList([Stop()]))
             for row, i in enumerate(chunk):
-                tokens = out[row, width:].tolist()
-                end = next((n for n in range(1, len(tokens) + 1) if stop and stop(i, tokens[:n])), len(tokens))
-                outputs[i] = tokens[:end]
+                outputs[i] = cut_at_stop(out[row, width:].tolist(), i, stop)
         return outputs
 
     def info(self):
