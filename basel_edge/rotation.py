@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .families import family_of
+from .families import ModelFamily, family_of
 from .lowrank import LowRankLinear
+
+# per-head norms on queries and keys (Gemma 3) leave the value space free to rotate
+QK_NORMS = ("q_norm", "k_norm")
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -38,91 +41,182 @@ def _last(module: nn.Module) -> nn.Linear:
     return module.b if isinstance(module, LowRankLinear) else module
 
 
-def _is_plain_rms_norm(norm: nn.Module, size: int) -> bool:
-    """`weight * x / sqrt(mean(x²) + eps)`: the form whose weight can be folded into the next linear."""
+def _is_rms_norm(norm: nn.Module, size: int, offset: float = 0.0) -> bool:
+    """`(offset + weight) * x / sqrt(mean(x²) + eps)`: a norm whose scale can be folded into the next linear."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(weight, torch.Tensor) or weight.shape != (size,) or eps is None:
         return False
     x = torch.randn(2, 3, size, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     with torch.no_grad():
-        expect = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        expect = (offset + weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
         return bool(torch.allclose(norm(x), expect, rtol=1e-4, atol=1e-5))
 
 
-def rotatable(model: nn.Module) -> bool:
-    """Whether `model` has the llama layout rotate_hidden_ knows to be exact (else it must not be rotated)."""
-    config = getattr(model, "config", None)
-    inner = getattr(model, "model", None)
+def _layers(model: nn.Module):
+    config, inner = getattr(model, "config", None), getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if config is None or layers is None or len(layers) == 0 or not isinstance(lm_head, nn.Linear):
-        return False
+    if config is None or layers is None or len(layers) == 0:
+        return None, None, ()
     try:
-        family = family_of(config)
+        return config, family_of(config), layers
     except UserError:
+        return None, None, ()
+
+
+def _norm_readers(layer: nn.Module, family: ModelFamily) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(pre-norm, the projections reading its output) for the attention and the MLP of one decoder layer."""
+    attn, mlp = getattr(layer, family.attention), getattr(layer, family.mlp)
+    q, k, v, _ = (getattr(attn, n, None) for n in family.attention_projections)
+    gate, up, _ = (getattr(mlp, n, None) for n in family.mlp_projections)
+    return [(getattr(layer, family.attention_norm, None), [q, k, v]), (getattr(layer, family.mlp_norm, None), [gate, up])]
+
+
+def _linear(module: object) -> bool:
+    return isinstance(module, (nn.Linear, LowRankLinear))
+
+
+@torch.no_grad()
+def fold_norms_(model: nn.Module) -> int:
+    """Fold the scale of each pre-attention / pre-MLP RMSNorm (and the final one, when lm_head is untied) into the
+    linears that read it, leaving the norm's scale at 1. Exact in float; per-token int8 activations then no
+    longer carry the norm weights' large channels. Returns how many norms were folded."""
+    config, family, layers = _layers(model)
+    if family is None:
+        return 0
+    size, offset = config.hidden_size, family.norm_weight_offset
+    pairs = [pair for layer in layers for pair in _norm_readers(layer, family)]
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(lm_head, nn.Linear) and lm_head.weight is not model.get_input_embeddings().weight:
+        pairs.append((getattr(model.model, "norm", None), [lm_head]))
+    count = 0
+    for norm, readers in pairs:
+        if not (_is_rms_norm(norm, size, offset) and all(_linear(r) for r in readers)):
+            continue
+        scale = offset + norm.weight.double()
+        for reader in readers:
+            first = _first(reader)
+            first.weight.copy_((first.weight.double() * scale[None]).to(first.weight.dtype))
+        norm.weight.fill_(1.0 - offset)
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def rotate_value_heads_(model: nn.Module, seed: int = 0) -> int:
+    """Rotate each attention head's value space: v_proj writes Q_h·v, o_proj reads each head through Q_hᵀ.
+    Exact (attention mixes values linearly); skipped for attention modules with anything on the values (a
+    v_norm). Returns how many layers were rotated."""
+    config, family, layers = _layers(model)
+    if family is None:
+        return 0
+    head = family.head_dim(config)
+    q_head = random_orthogonal(head, seed)
+    count = 0
+    for layer in layers:
+        attn = getattr(layer, family.attention)
+        _, _, v_proj, o_proj = (getattr(attn, n, None) for n in family.attention_projections)
+        children = {name for name, _ in attn.named_children()}
+        if not (_linear(v_proj) and _linear(o_proj)) or not children <= {*family.attention_projections, *QK_NORMS}:
+            continue
+        v, o = _last(v_proj), _first(o_proj)
+        v.weight.copy_(torch.einsum("ij,kjn->kin", q_head, v.weight.double().view(-1, head, v.weight.shape[1]))
+                       .reshape(v.weight.shape).to(v.weight.dtype))
+        if v.bias is not None:
+            v.bias.copy_((v.bias.double().view(-1, head) @ q_head.T).reshape(-1).to(v.bias.dtype))
+        o.weight.copy_((o.weight.double().view(o.weight.shape[0], -1, head) @ q_head.T).reshape(o.weight.shape)
+                       .to(o.weight.dtype))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def rotate_ranks_(model: nn.Module, seed: int = 0) -> int:
+    """Rotate the rank space of every factorized linear: `a` ← R·a, `b` ← b·Rᵀ. Exact; the intermediate a·x,
+    whose first components carry the largest singular values, is spread over all rank channels before it is
+    quantized per token. Returns how many linears were rotated."""
+    rotations: dict[int, torch.Tensor] = {}
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            r = rotations.setdefault(module.rank, random_orthogonal(module.rank, seed + module.rank))
+            module.a.weight.copy_((r @ module.a.weight.double()).to(module.a.weight.dtype))
+            module.b.weight.copy_((module.b.weight.double() @ r.T).to(module.b.weight.dtype))
+            count += 1
+    return count
+
+
+def rotatable(model: nn.Module) -> bool:
+    """Whether `model` has a layout the residual rotation is exact for: untied embeddings, plain RMSNorms before
+    attention, MLP and lm_head, nothing else in a decoder layer (a norm after a sublayer would not commute)."""
+    config, family, layers = _layers(model)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if family is None or not family.rotatable_residual or not isinstance(lm_head, nn.Linear):
         return False
     if lm_head.weight is model.get_input_embeddings().weight:
         return False  # tied: the embedding and lm_head need different transforms
     size = config.hidden_size
-    if not _is_plain_rms_norm(getattr(inner, "norm", None), size):
+    if not _is_rms_norm(getattr(model.model, "norm", None), size, family.norm_weight_offset):
         return False
     for layer in layers:
         if {name for name, _ in layer.named_children()} != family.layer_children:
-            return False  # extra norms (Gemma's post-norms, ...) would not commute with the rotation
-        if not all(_is_plain_rms_norm(getattr(layer, n), size) for n in (family.attention_norm, family.mlp_norm)):
             return False
-        for parent, names in ((getattr(layer, family.attention), family.attention_projections),
-                              (getattr(layer, family.mlp), family.mlp_projections)):
-            if not all(isinstance(getattr(parent, n, None), (nn.Linear, LowRankLinear)) for n in names):
+        for norm, readers in _norm_readers(layer, family):
+            if not (_is_rms_norm(norm, size, family.norm_weight_offset) and all(_linear(r) for r in readers)):
                 return False
+        if not all(_linear(getattr(getattr(layer, family.attention), n, None)) for n in family.attention_projections):
+            return False
+        if not all(_linear(getattr(getattr(layer, family.mlp), n, None)) for n in family.mlp_projections):
+            return False
     return True
 
 
 @torch.no_grad()
 def rotate_hidden_(model: nn.Module, seed: int = 0) -> bool:
-    """Rotate the residual stream and each attention head's value space of `model` in place.
+    """Fold the norms into their readers, then rotate the residual stream and each attention head's value space
+    of `model` in place.
 
     The float function is unchanged (up to rounding). Needs untied embeddings; returns False (and leaves the
     model alone) when the layout is not one this transform is exact for.
     """
     if not rotatable(model):
         return False
-    config, inner = model.config, model.model
-    family = family_of(config)
-    head = family.head_dim(config)
+    config, family, layers = _layers(model)
+    fold_norms_(model)
     q = random_orthogonal(config.hidden_size, seed)
-    q_head = random_orthogonal(head, seed + 1)
 
-    def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
-        linear.weight.copy_(weight.to(linear.weight.dtype))
-
-    def read(linear: nn.Linear, norm_weight: torch.Tensor) -> None:  # W diag(γ) Qᵀ
-        set_weight(linear, (linear.weight.double() * norm_weight.double()[None]) @ q.T)
+    def read(linear: nn.Linear) -> None:  # W Qᵀ
+        linear.weight.copy_((linear.weight.double() @ q.T).to(linear.weight.dtype))
 
     def write(linear: nn.Linear) -> None:  # Q W, Q b
-        set_weight(linear, q @ linear.weight.double())
+        linear.weight.copy_((q @ linear.weight.double()).to(linear.weight.dtype))
         if linear.bias is not None:
             linear.bias.copy_((q @ linear.bias.double()).to(linear.bias.dtype))
 
-    for layer in inner.layers:
-        attn, mlp = getattr(layer, family.attention), getattr(layer, family.mlp)
-        attn_norm, mlp_norm = getattr(layer, family.attention_norm), getattr(layer, family.mlp_norm)
-        q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in family.attention_projections)
-        gate_proj, up_proj, down_proj = (getattr(mlp, n) for n in family.mlp_projections)
-        for norm, readers in ((attn_norm, (q_proj, k_proj, v_proj)), (mlp_norm, (gate_proj, up_proj))):
+    for layer in layers:
+        for _, readers in _norm_readers(layer, family):
             for module in readers:
-                read(_first(module), norm.weight)
-            norm.weight.fill_(1.0)
-        write(_last(o_proj))
-        write(_last(down_proj))
-        # per head: values v → Q_h v, and o_proj reads each head's block through Q_hᵀ
-        v, o = _last(v_proj), _first(o_proj)
-        set_weight(v, torch.einsum("ij,kjn->kin", q_head, v.weight.double().view(-1, head, v.weight.shape[1])).reshape(v.weight.shape))
-        if v.bias is not None:
-            v.bias.copy_((v.bias.double().view(-1, head) @ q_head.T).reshape(-1).to(v.bias.dtype))
-        set_weight(o, (o.weight.double().view(o.weight.shape[0], -1, head) @ q_head.T).reshape(o.weight.shape))
-    lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    read(lm_head, inner.norm.weight)
-    inner.norm.weight.fill_(1.0)
-    set_weight(embedding, embedding.weight.double() @ q.T)
+                read(_first(module))
+        write(_last(getattr(getattr(layer, family.attention), family.attention_projections[3])))
+        write(_last(getattr(getattr(layer, family.mlp), family.mlp_projections[2])))
+    read(model.get_output_embeddings())
+    embedding = model.get_input_embeddings()
+    embedding.weight.copy_((embedding.weight.double() @ q.T).to(embedding.weight.dtype))
+    rotate_value_heads_(model, seed + 1)
     return True
+
+
+def prepare_for_int8_(model: nn.Module, seed: int = 0) -> tuple[str, ...]:
+    """Every exact transform that makes per-token int8 activations finer, applied in place: the residual
+    rotation where the layout allows it, else the norm folding and value-head rotation that still apply; then
+    the rank-space rotation of factorized linears. Returns what was done, for the export's metadata."""
+    done: list[str] = []
+    if rotate_hidden_(model, seed):
+        done += ["norm scales folded", "hidden space rotated", "value heads rotated"]
+    else:
+        if fold_norms_(model):
+            done.append("norm scales folded")
+        if rotate_value_heads_(model, seed + 1):
+            done.append("value heads rotated")
+    if rotate_ranks_(model, seed + 2):
+        done.append("factor ranks rotated")
+    return tuple(done)

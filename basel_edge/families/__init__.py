@@ -33,10 +33,13 @@ class ModelFamily:
     # projection -> the projection whose input it reads (q/k/v read one tensor, so do gate/up)
     shared_inputs: Mapping[str, str] = field(default_factory=lambda: {
         "k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"})
-    # the decoder layer's children when the rotation is exact: plain RMSNorms before attention and MLP only
+    # the decoder layer's children (rotation checks a model against them)
     layer_children: frozenset[str] = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
     attention_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    # whether rotating the residual stream is exact: not with norms after the sublayers (Gemma), whose scale
+    # would have to commute with the rotation
+    rotatable_residual: bool = True
     # RMSNorms scale by (norm_weight_offset + w): 0 for Llama, 1 for Gemma (GGUF stores the whole scale)
     norm_weight_offset: float = 0.0
     # the gated MLP's activation, as HF configs name it (`hidden_act` or `hidden_activation`)

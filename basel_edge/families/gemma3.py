@@ -2,8 +2,8 @@
 (1 + w), q/k norms inside attention, norms after attention and after the MLP as well as before them, a GELU
 (tanh) gated MLP, an embedding scaled by sqrt(hidden) and sliding-window layers with their own rope base.
 
-The extra norms do not commute with a hidden-space rotation, so the rotation is not used (basel_edge/rotation.py
-checks `layer_children`). llama.cpp's `gemma3` architecture stores each norm weight as 1 + w and uses NeoX rotary
+The norms after attention and MLP do not commute with a hidden-space rotation (`rotatable_residual=False`); only
+the pre-norm folding, value-head and factor-rank rotations of basel_edge/rotation.py stay exact. llama.cpp's `gemma3` architecture stores each norm weight as 1 + w and uses NeoX rotary
 order (no row permutation); the sliding-window layers, their rope base and the head size are written as keys.
 """
 
@@ -38,6 +38,7 @@ GEMMA3 = register(ModelFamily(
                               "pre_feedforward_layernorm", "post_feedforward_layernorm"}),
     attention_norm="input_layernorm",
     mlp_norm="pre_feedforward_layernorm",
+    rotatable_residual=False,
     norm_weight_offset=1.0,
     activation="gelu_pytorch_tanh",
     gguf_architecture="gemma3",
