@@ -71,6 +71,12 @@ def _norm_readers(layer: nn.Module, family: ModelFamily) -> list[tuple[nn.Module
     return [(getattr(layer, family.attention_norm, None), [q, k, v]), (getattr(layer, family.mlp_norm, None), [gate, up])]
 
 
+def _writers(layer: nn.Module, family: ModelFamily) -> tuple[nn.Module | None, nn.Module | None]:
+    """The projections that write into the residual stream: o_proj and down_proj."""
+    return (getattr(getattr(layer, family.attention), family.attention_projections[3], None),
+            getattr(getattr(layer, family.mlp), family.mlp_projections[2], None))
+
+
 def _linear(module: object) -> bool:
     return isinstance(module, (nn.Linear, LowRankLinear))
 
@@ -163,9 +169,7 @@ def rotatable(model: nn.Module) -> bool:
         for norm, readers in _norm_readers(layer, family):
             if not (_is_rms_norm(norm, size, family.norm_weight_offset) and all(_linear(r) for r in readers)):
                 return False
-        if not all(_linear(getattr(getattr(layer, family.attention), n, None)) for n in family.attention_projections):
-            return False
-        if not all(_linear(getattr(getattr(layer, family.mlp), n, None)) for n in family.mlp_projections):
+        if not all(_linear(w) for w in _writers(layer, family)):
             return False
     return True
 
@@ -196,8 +200,8 @@ def rotate_hidden_(model: nn.Module, seed: int = 0) -> bool:
         for _, readers in _norm_readers(layer, family):
             for module in readers:
                 read(_first(module))
-        write(_last(getattr(getattr(layer, family.attention), family.attention_projections[3])))
-        write(_last(getattr(getattr(layer, family.mlp), family.mlp_projections[2])))
+        for module in _writers(layer, family):
+            write(_last(module))
     read(model.get_output_embeddings())
     embedding = model.get_input_embeddings()
     embedding.weight.copy_((embedding.weight.double() @ q.T).to(embedding.weight.dtype))

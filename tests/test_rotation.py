@@ -18,6 +18,14 @@ def _randomize_norms_(model):
                 module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen) * 3)
 
 
+def _loaded(path, factorize):
+    """The dense model at `path`, factorized by plain SVD at rank 16 when asked."""
+    model = load_dense(path).eval()
+    if factorize:
+        compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+    return model
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -32,9 +40,7 @@ def test_random_orthogonal_is_orthogonal_and_seeded():
 
 def test_rotation_keeps_logits(tiny_llama):
     for factorize in (False, True):
-        model = load_dense(tiny_llama).eval()
-        if factorize:
-            compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+        model = _loaded(tiny_llama, factorize)
         _randomize_norms_(model)
         ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
         before = _logits(model, ids)
@@ -87,9 +93,7 @@ def test_gemma3_gets_the_transforms_that_stay_exact(tmp_path):
     factor ranks still keep every logit, and the pre-norms end at scale 1 (weight 0)."""
     path = make_tiny_model(tmp_path / "g", model_type="gemma3_text", tie=False)
     for factorize in (False, True):
-        model = load_dense(path).eval()
-        if factorize:
-            compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+        model = _loaded(path, factorize)
         _randomize_all_norms_(model)
         ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
         before = _logits(model, ids)
@@ -126,8 +130,7 @@ def test_rank_rotation_keeps_outputs_and_spreads_the_intermediate():
 
 
 def test_llama_gets_every_transform(tiny_llama_untied):
-    model = load_dense(tiny_llama_untied).eval()
-    compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+    model = _loaded(tiny_llama_untied, True)
     _randomize_norms_(model)
     ids = torch.arange(3, 13)[None]
     before = _logits(model, ids)

@@ -3,8 +3,9 @@
 (tanh) gated MLP, an embedding scaled by sqrt(hidden) and sliding-window layers with their own rope base.
 
 The norms after attention and MLP do not commute with a hidden-space rotation (`rotatable_residual=False`); only
-the pre-norm folding, value-head and factor-rank rotations of basel_edge/rotation.py stay exact. llama.cpp's `gemma3` architecture stores each norm weight as 1 + w and uses NeoX rotary
-order (no row permutation); the sliding-window layers, their rope base and the head size are written as keys.
+the pre-norm folding, value-head and factor-rank rotations of basel_edge/rotation.py stay exact. llama.cpp's
+`gemma3` architecture stores each norm weight as 1 + w and uses NeoX rotary order (no row permutation); the
+sliding-window layers, their rope base and the head size are written as keys.
 """
 
 from __future__ import annotations
