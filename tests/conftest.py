@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from basel_edge.checkpoint import load_model
+from basel_edge.models import load_tokenizer
 from basel_edge.tiny import make_tiny_llama
 from runtimes.llama_cpp import patched_binding_installed
 
@@ -27,6 +31,47 @@ def llama_tokenizer_in_child(path: str, texts: list[str], id_lists: list[list[in
         return tokenized, [llm.detokenize(ids, special=True).decode() for ids in id_lists]
     finally:
         llm.close()
+
+
+def llama_logits_in_child(path: str, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits of every position of `ids`; for run_isolated."""
+    from runtimes import open_runtime
+
+    runtime = open_runtime("llama_cpp", path)
+    try:
+        return runtime.logits(ids)
+    finally:
+        runtime.close()
+
+
+def torch_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """The torch model's logits of every position of `ids` (dense or factorized checkpoint)."""
+    with torch.no_grad():
+        return load_model(model_dir)(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def stdlib_ids(model_dir: Path, n: int = 300) -> list[int]:
+    """The first `n` token ids of a standard-library source, as held-out text."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text(encoding="utf-8")
+    return load_tokenizer(model_dir)(text)["input_ids"][:n]
+
+
+def complete_greedy(binary: Path, gguf_file: Path, prompt: str) -> subprocess.CompletedProcess:
+    """llama.cpp's llama-completion: greedy continuation of `prompt`, one thread, so two builds of the same
+    arithmetic print the same text."""
+    return subprocess.run(
+        [str(binary), "-m", str(gguf_file), "-p", prompt, "-n", "16", "--temp", "0", "-t", "1", "-no-cnv",
+         "--simple-io"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def stock_completion() -> Path:
+    """llama.cpp's own llama-completion of the pinned version, without the low-rank patch (built once, ~4 min)."""
+    from runtimes.llama_cpp.build import build_stock_tool
+
+    return build_stock_tool()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from basel_edge.cli import main
 from basel_edge.compress import Budget, compress
 from basel_edge.compress.basel import (
     BaselConfig,
-    BaselLinear,
     basel_layers,
     bsi_importance,
     fisher_importance,

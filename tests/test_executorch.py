@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import torch_logits
 
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
@@ -53,14 +54,9 @@ def positions(tiny_llama, tiny_text_data):
     return blocks.input_ids[0].tolist()
 
 
-def _torch_logits(path, ids):
-    with torch.no_grad():
-        return load_model(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
 def test_fp32_factorized_matches_torch(exported, factorized, positions):
     got = ExecutorchRuntime.open(exported["fp32"], "cpu", threads=1).logits(positions)
-    ref = _torch_logits(factorized, positions)
+    ref = torch_logits(factorized, positions)
     assert got.shape == ref.shape == (256, ref.shape[1])
     assert np.abs(got - ref).max() < 1e-3
 
@@ -68,7 +64,7 @@ def test_fp32_factorized_matches_torch(exported, factorized, positions):
 @pytest.mark.parametrize("kind,source", [("int8", "factorized"), ("dense-int8", "tiny_llama")])
 def test_int8_top1_agreement(exported, kind, source, positions, request):
     got = ExecutorchRuntime.open(exported[kind], "cpu", threads=1).logits(positions)
-    metrics = compare_logits(_torch_logits(request.getfixturevalue(source), positions), got)
+    metrics = compare_logits(torch_logits(request.getfixturevalue(source), positions), got)
     assert metrics["positions"] == 256
     assert metrics["top1_agreement"] >= 0.98, metrics
     assert metrics["max_abs_diff"] > 0  # really quantized, not an fp32 program
@@ -233,4 +229,4 @@ def test_int4_is_8da4w_with_the_lm_head_at_8_bits_and_passes_its_checks(factoriz
     assert info["scheme"]["weights"] == "int4" and "8da4w" in info["scheme"]["linear"]
     assert info["bytes"] < exported["int8-info"]["bytes"]
     got = ExecutorchRuntime.open(tmp_path / "int4").logits(positions)
-    assert (got.argmax(-1) == _torch_logits(factorized, positions).argmax(-1)).mean() >= 0.6
+    assert (got.argmax(-1) == torch_logits(factorized, positions).argmax(-1)).mean() >= 0.6

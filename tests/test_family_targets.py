@@ -9,21 +9,19 @@ check's sequence). llama.cpp runs only in child processes (runtimes.isolation.ru
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import llama_logits_in_child, needs_llama_cpp, stdlib_ids, torch_logits
 
-from basel_edge.checkpoint import load_model, save_factorized
+from basel_edge.checkpoint import save_factorized
 from basel_edge.cli import main
 from basel_edge.compress import Budget, compress
 from basel_edge.families import family_of
 from basel_edge.lowrank import decoder_linears
 from basel_edge.models import load_dense, load_tokenizer
 from basel_edge.tiny import make_tiny_model
-from conftest import needs_llama_cpp
 from runtimes.isolation import run_isolated
 
 HIDDEN, MLP = 64, 128  # whole Q8_0 blocks
@@ -59,26 +57,6 @@ def full_rank(tiny) -> Path:
     return tiny.with_name("full")
 
 
-def _ids(model_dir: Path, n: int) -> list[int]:
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text(encoding="utf-8")
-    return load_tokenizer(model_dir)(text)["input_ids"][:n]
-
-
-def _torch_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return load_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
-
-
-def _llama_logits_in_child(path: str, ids: list[int]) -> np.ndarray:
-    from runtimes import open_runtime
-
-    runtime = open_runtime("llama_cpp", path)
-    try:
-        return runtime.logits(ids)
-    finally:
-        runtime.close()
-
-
 def test_adapter_finds_the_projections_shared_inputs_and_head_size(tiny):
     model = load_dense(tiny)
     family = family_of(model.config)
@@ -104,8 +82,8 @@ def test_compress_methods_write_a_checkpoint_that_loads(capsys, tiny, tiny_text_
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == method and summary["factorized_linears"] == 14
-    ids = _ids(tiny, 64)
-    logits = _torch_logits(out, ids)
+    ids = stdlib_ids(tiny, 64)
+    logits = torch_logits(out, ids)
     assert np.isfinite(logits).all() and logits.shape == (len(ids), len(load_tokenizer(tiny)))
 
 
@@ -142,14 +120,14 @@ def test_full_rank_factorized_gguf_f32_matches_dense_gguf_and_torch(full_rank, t
     dense F32 GGUF itself differs from torch by 1.7e-3, qwen2's by 3.5e-4)."""
     from exporters.gguf import export_gguf
 
-    ids = _ids(full_rank, 200)
+    ids = stdlib_ids(full_rank, 200)
     export_gguf(full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", progress=False)
     export_gguf(full_rank, tmp_path / "d.gguf", weights="f32", layout="dense", progress=False)
-    factorized = run_isolated(_llama_logits_in_child, str(tmp_path / "f.gguf"), ids)
-    dense = run_isolated(_llama_logits_in_child, str(tmp_path / "d.gguf"), ids)
-    torch_logits = _torch_logits(full_rank, ids)
+    factorized = run_isolated(llama_logits_in_child, str(tmp_path / "f.gguf"), ids)
+    dense = run_isolated(llama_logits_in_child, str(tmp_path / "d.gguf"), ids)
+    reference = torch_logits(full_rank, ids)
     assert np.abs(factorized - dense).max() < 3e-3
-    assert np.abs(dense - torch_logits).max() < 3e-3
+    assert np.abs(dense - reference).max() < 3e-3
 
 
 @needs_llama_cpp
@@ -159,12 +137,12 @@ def test_q8_0_factorized_gguf_agrees_with_torch(factorized, tmp_path):
     the dense layout, which quantizes activations once per linear instead of twice."""
     from exporters.gguf import export_gguf
 
-    ids = _ids(factorized, 300)
+    ids = stdlib_ids(factorized, 300)
     export_gguf(factorized, tmp_path / "q.gguf", progress=False)
-    llama = run_isolated(_llama_logits_in_child, str(tmp_path / "q.gguf"), ids)
-    torch_logits = _torch_logits(factorized, ids)
-    assert (llama.argmax(-1) == torch_logits.argmax(-1)).mean() >= 0.85
-    assert np.abs(llama - torch_logits).max() < 0.25
+    llama = run_isolated(llama_logits_in_child, str(tmp_path / "q.gguf"), ids)
+    reference = torch_logits(factorized, ids)
+    assert (llama.argmax(-1) == reference.argmax(-1)).mean() >= 0.85
+    assert np.abs(llama - reference).max() < 0.25
 
 
 @needs_llama_cpp

@@ -7,13 +7,11 @@ llama.cpp's own message instead of killing pytest.
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import llama_tokenizer_in_child, make_tiny_llama, needs_llama_cpp
+from conftest import llama_logits_in_child, llama_tokenizer_in_child, make_tiny_llama, needs_llama_cpp, stdlib_ids, torch_logits
 
 from basel_edge.checkpoint import load_model, save_factorized
 from basel_edge.cli import main
@@ -65,28 +63,8 @@ def tiny_rank32(tiny, tmp_path_factory) -> Path:
     return _factorize(tiny, tmp_path_factory.mktemp("gguf") / "r32", {"*": 32})
 
 
-def _text_ids(model_dir: Path, n: int = 300) -> list[int]:
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text(encoding="utf-8")
-    return load_tokenizer(model_dir)(text)["input_ids"][:n]
-
-
-def _torch_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return load_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
-
-
-def _logits_in_child(path: str, ids: list[int]) -> np.ndarray:
-    from runtimes import open_runtime
-
-    runtime = open_runtime("llama_cpp", path)
-    try:
-        return runtime.logits(ids)
-    finally:
-        runtime.close()
-
-
 def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    return run_isolated(_logits_in_child, str(path), ids)
+    return run_isolated(llama_logits_in_child, str(path), ids)
 
 
 def _generate_in_child(path: str, prompt: list[int], n: int):
@@ -191,20 +169,20 @@ def test_unfused_layout_has_one_first_factor_per_projection(tiny_rank32, tmp_pat
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_full_rank_factorized_f32_matches_dense_f32(tiny_full_rank, tmp_path, fuse):
     """The patched graph is right: full-rank factors give the dense model's logits (and torch's)."""
-    ids = _text_ids(tiny_full_rank, 200)
+    ids = stdlib_ids(tiny_full_rank, 200)
     export_gguf(tiny_full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", fuse=fuse, progress=False)
     export_gguf(tiny_full_rank, tmp_path / "d.gguf", weights="f32", layout="dense", progress=False)
     factorized = _llama_logits(tmp_path / "f.gguf", ids)
     dense = _llama_logits(tmp_path / "d.gguf", ids)
     assert np.abs(factorized - dense).max() < 1e-3
-    assert np.abs(dense - _torch_logits(tiny_full_rank, ids)).max() < 1e-3
+    assert np.abs(dense - torch_logits(tiny_full_rank, ids)).max() < 1e-3
 
 
 @needs_llama_cpp
 def test_q8_0_factorized_top1_agrees_with_torch(tiny_rank32, tmp_path):
-    ids = _text_ids(tiny_rank32, 300)
+    ids = stdlib_ids(tiny_rank32, 300)
     export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
-    agreement = (_llama_logits(tmp_path / "q.gguf", ids).argmax(-1) == _torch_logits(tiny_rank32, ids).argmax(-1))
+    agreement = (_llama_logits(tmp_path / "q.gguf", ids).argmax(-1) == torch_logits(tiny_rank32, ids).argmax(-1))
     assert agreement.mean() >= 0.98
 
 
@@ -222,7 +200,7 @@ def test_tokenizer_round_trips_like_hf(tiny, tmp_path):
 @needs_llama_cpp
 def test_generate_and_info(tiny_rank32, tmp_path):
     export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
-    gen, info = run_isolated(_generate_in_child, str(tmp_path / "q.gguf"), _text_ids(tiny_rank32, 16), 8)
+    gen, info = run_isolated(_generate_in_child, str(tmp_path / "q.gguf"), stdlib_ids(tiny_rank32, 16), 8)
     assert len(gen.token_ids) == 8 and gen.prefill_seconds > 0 and gen.decode_seconds > 0
     assert info["lowrank_patch"] and info["bytes"] == (tmp_path / "q.gguf").stat().st_size
 
@@ -240,10 +218,10 @@ def test_factorized_file_on_a_stock_binding_says_which_build_it_needs(tiny_rank3
 
 @needs_llama_cpp
 def test_untied_dense_f32_matches_torch(tiny_llama_untied, tmp_path):
-    ids = _text_ids(tiny_llama_untied, 120)
+    ids = stdlib_ids(tiny_llama_untied, 120)
     export_gguf(tiny_llama_untied, tmp_path / "u.gguf", weights="f32", progress=False)
     assert "output.weight" in _tensors(tmp_path / "u.gguf")
-    assert np.abs(_llama_logits(tmp_path / "u.gguf", ids) - _torch_logits(tiny_llama_untied, ids)).max() < 1e-3
+    assert np.abs(_llama_logits(tmp_path / "u.gguf", ids) - torch_logits(tiny_llama_untied, ids)).max() < 1e-3
 
 
 def _with_tensor_type(src: Path, dst: Path, tensor: str, qtype) -> Path:
@@ -280,7 +258,7 @@ def crashing_ggufs(tiny_rank32, tmp_path_factory) -> dict[str, Path]:
 def test_a_native_llama_cpp_abort_fails_one_call_with_its_own_message(tiny_rank32, crashing_ggufs):
     from runtimes.isolation import NativeCrash
 
-    ids = _text_ids(tiny_rank32, 40)
+    ids = stdlib_ids(tiny_rank32, 40)
     with pytest.raises(NativeCrash) as aborted:
         _llama_logits(crashing_ggufs["abort"], ids)
     assert str(aborted.value) == ("ggml/src/ggml-cpu/binary-ops.cpp:135: binary_op: unsupported types: dst: f32, "
@@ -345,10 +323,10 @@ def test_a_model_converted_from_a_gguf_keeps_that_files_tokenizer(tiny, tmp_path
 
 @needs_llama_cpp
 def test_4bit_export_quantizes_factors_and_keeps_chosen_tensors_at_8_bits(tiny_rank32, tmp_path):
-    ids = _text_ids(tiny_rank32)
+    ids = stdlib_ids(tiny_rank32)
     q8 = export_gguf(tiny_rank32, tmp_path / "q8.gguf", weights="q8_0", progress=False)
     q4 = export_gguf(tiny_rank32, tmp_path / "q4.gguf", weights="q4_0", keep_8bit=("embedding", "1"), progress=False)
-    q2 = export_gguf(tiny_rank32, tmp_path / "q2.gguf", weights="q2_k", progress=False)
+    export_gguf(tiny_rank32, tmp_path / "q2.gguf", weights="q2_k", progress=False)
     assert q4["bytes"] < q8["bytes"] and q4["layout"] == "factorized"
     from gguf import GGUFReader
 
@@ -357,7 +335,7 @@ def test_4bit_export_quantizes_factors_and_keeps_chosen_tensors_at_8_bits(tiny_r
     assert types["blk.1.attn_output_lr_b.weight"] == "Q8_0" and types["blk.1.ffn_down_lr_a.weight"] == "Q8_0"
     assert types["blk.0.attn_output_lr_b.weight"] == "Q4_0" and types["blk.0.ffn_down_lr_a.weight"] == "Q4_0"
     assert q4["tensor_types"]["Q4_0"] >= 10
-    reference = _torch_logits(tiny_rank32, ids)
+    reference = torch_logits(tiny_rank32, ids)
     errors = {}
     for name in ("q8", "q4", "q2"):
         logits = _llama_logits(tmp_path / f"{name}.gguf", ids)

@@ -3,7 +3,6 @@ check with extra buffer types on and off, and a native abort that fails one call
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.isolation import NO_BACKTRACE_ENV, NativeCrash, run_isolated
+from runtimes.isolation import NO_BACKTRACE_ENV, run_isolated
 from runtimes.llama_cpp import build, patched_binding_installed
 from runtimes.llama_cpp.smoke import compare_extra_buffer_types, make_files, run_smoke
 

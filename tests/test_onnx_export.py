@@ -5,8 +5,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
+from conftest import torch_logits
 
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
@@ -52,11 +52,6 @@ def positions(tiny_llama, tiny_text_data):
     return blocks.input_ids[0].tolist()
 
 
-def _torch_logits(path, ids):
-    with torch.no_grad():
-        return load_model(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
 def _by_module(path):
     graph = onnx.load(str(path / "model.onnx")).graph
     return graph, Counter((n.name.rsplit("/", 1)[0], n.op_type) for n in graph.node)
@@ -64,14 +59,14 @@ def _by_module(path):
 
 def test_fp32_factorized_matches_torch(exported, factorized, positions):
     got = OrtRuntime.open(exported["fp32"], "cpu", threads=1).logits(positions)
-    ref = _torch_logits(factorized, positions)
+    ref = torch_logits(factorized, positions)
     assert got.shape == ref.shape == (256, ref.shape[1])
     assert np.abs(got - ref).max() < 1e-3
 
 
 def test_int8_factorized_top1_agreement(exported, factorized, positions):
     got = OrtRuntime.open(exported["int8"], "cpu", threads=1).logits(positions)
-    metrics = compare_logits(_torch_logits(factorized, positions), got)
+    metrics = compare_logits(torch_logits(factorized, positions), got)
     assert metrics["positions"] == 256
     assert metrics["top1_agreement"] >= 0.98, metrics
 
@@ -114,7 +109,7 @@ def test_dense_int8_export_runs(exported, tiny_llama, positions):
     graph, counts = _by_module(exported["dense-int8"])
     assert counts[("/model/layers/0/self_attn/q_proj", "MatMulNBits")] == 1
     got = OrtRuntime.open(exported["dense-int8"]).logits(positions)
-    assert compare_logits(_torch_logits(tiny_llama, positions), got)["top1_agreement"] >= 0.98
+    assert compare_logits(torch_logits(tiny_llama, positions), got)["top1_agreement"] >= 0.98
     info = json.loads((exported["dense-int8"] / "basel-export.json").read_text())
     assert info["validation"]["ok"] and info["factorized_linears"] == 0
 
@@ -216,7 +211,7 @@ def test_dense_int4_quantizes_to_4_bits_but_keeps_the_lm_head_at_8(tiny_llama, e
     assert not any(n.op_type == "MatMul" and n.input[1].startswith("model.") for n in model.graph.node)
     dense8 = OrtRuntime.open(exported["dense-int8"], "cpu", threads=1).logits(positions)
     dense4 = OrtRuntime.open(tmp_path / "int4", "cpu", threads=1).logits(positions)
-    reference = _torch_logits(tiny_llama, positions)
+    reference = torch_logits(tiny_llama, positions)
     assert np.abs(dense8 - reference).mean() < np.abs(dense4 - reference).mean()  # 4 bits: more error, not garbage
     assert (dense4.argmax(-1) == reference.argmax(-1)).mean() >= 0.6
 

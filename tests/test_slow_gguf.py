@@ -5,19 +5,16 @@ factorized file with its own missing-tensor error. llama.cpp runs only in child 
 from __future__ import annotations
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import llama_tokenizer_in_child
+from conftest import complete_greedy, llama_tokenizer_in_child
 
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer
 from exporters.gguf import export_gguf
 from exporters.gguf_format import read_summary
 from runtimes.isolation import run_isolated
 from runtimes.llama_cpp import patched_binding_installed
-from runtimes.llama_cpp.build import build_stock_tool
 from runtimes.llama_cpp.tools import tool
 
 pytestmark = [
@@ -76,27 +73,13 @@ def test_smollm2_tokenizer_round_trips_like_hf(smollm2_files):
         assert back == hf.decode(ids), text
 
 
-@pytest.fixture(scope="module")
-def stock_completion() -> Path:
-    """llama.cpp's own llama-completion of the pinned version, without the low-rank patch (built once, ~4 min)."""
-    return build_stock_tool()
-
-
-def _complete(binary: Path, gguf_file: Path) -> subprocess.CompletedProcess:
-    """Greedy continuation of PROMPT, one thread, so two builds of the same arithmetic print the same text."""
-    return subprocess.run(
-        [str(binary), "-m", str(gguf_file), "-p", PROMPT, "-n", "16", "--temp", "0", "-t", "1", "-no-cnv",
-         "--simple-io"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
-    )
-
-
 def test_stock_llama_cpp_runs_dense_layouts_as_the_patched_build_does(smollm2_files, stock_completion, tmp_path):
     _, factorized, dense = smollm2_files
     merged = tmp_path / "half-dense-q8_0.gguf"
     export_gguf(factorized.parent / "half", merged, layout="dense", progress=False)
     for gguf_file in (dense, merged):
-        stock, patched = _complete(stock_completion, gguf_file), _complete(tool("llama-completion"), gguf_file)
+        stock = complete_greedy(stock_completion, gguf_file, PROMPT)
+        patched = complete_greedy(tool("llama-completion"), gguf_file, PROMPT)
         assert stock.returncode == 0, f"stock llama.cpp failed on {gguf_file.name}: {stock.stderr[-500:]}"
         assert stock.stdout.startswith(PROMPT) and len(stock.stdout) > len(PROMPT) + 8, stock.stdout
         assert stock.stdout == patched.stdout, f"{gguf_file.name}: the low-rank patch changed a dense model's output"
@@ -104,7 +87,7 @@ def test_stock_llama_cpp_runs_dense_layouts_as_the_patched_build_does(smollm2_fi
 
 def test_stock_llama_cpp_refuses_a_factorized_file_with_its_own_error(smollm2_files, stock_completion):
     _, factorized, _ = smollm2_files
-    stock = _complete(stock_completion, factorized)
+    stock = complete_greedy(stock_completion, factorized, PROMPT)
     assert stock.returncode != 0
     assert "tensor 'blk.0.attn_q.weight' not found" in stock.stderr, stock.stderr[-800:]
-    assert _complete(tool("llama-completion"), factorized).returncode == 0
+    assert complete_greedy(tool("llama-completion"), factorized, PROMPT).returncode == 0
