@@ -43,15 +43,12 @@ MARKERS = {"dense": "s", "svd-llm/q8_0": "o", "svd-llm/q4_0": "^"}
 
 
 def _generate_in_child(path: str, prompts: list[list[int]], max_new_tokens: int, tokenizer: str, threads: int,
-                       batch: int) -> tuple[list[list[int]], float]:
-    from basel_edge.models import load_tokenizer as load
+                       batch: int) -> dict:
     from runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, "cpu", threads)
     try:
-        start = time.perf_counter()
-        outputs = runtime.generate_batch(prompts, max_new_tokens, humaneval.StopRule(load(tokenizer)), batch=batch)
-        return outputs, time.perf_counter() - start
+        return humaneval.generate(runtime, prompts, max_new_tokens, tokenizer, batch)
     finally:
         runtime.close()
 
@@ -103,12 +100,10 @@ def measure(point: dict, args: argparse.Namespace, text: Path, problems: list[di
     speed = {r.test: r.tokens_per_second for r in llama_bench(path, args.threads, repetitions=3)}
     row["prefill_tps"], row["decode_tps"] = speed["pp64"], speed["tg64"]
     if problems:
-        outputs, seconds = run_isolated(_generate_in_child, str(path), prompts, humaneval.MAX_NEW_TOKENS,
-                                        str(tokenizer_dir), args.threads, args.batch, timeout=3600)
-        completions = [humaneval.completion_text(ids, tokenizer) for ids in outputs]
-        scored = humaneval.score(problems, completions)
-        row["humaneval"] = {**scored, "generate_seconds": round(seconds, 1),
-                            "generated_tokens": sum(map(len, outputs))}
+        config = humaneval.HumanEvalConfig(batch_size=args.batch)
+        generation = run_isolated(_generate_in_child, str(path), prompts, config.max_new_tokens, str(tokenizer_dir),
+                                  args.threads, config.batch_size, timeout=3600)
+        row["humaneval"] = humaneval.score_generation(generation, problems, tokenizer, config)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 

@@ -133,17 +133,6 @@ def _run_worker(spec: dict, workdir: Path, timeout: int) -> tuple[dict, list[str
     return json.loads(result_file.read_text()), cmd
 
 
-def _score_humaneval(generation: dict, problems: list[dict], tokenizer, config: HumanEvalConfig, progress: bool) -> dict:
-    from . import humaneval
-
-    completions = [humaneval.completion_text(ids, tokenizer) for ids in generation["completion_ids"]]
-    scored = humaneval.score(problems, completions, config, progress=progress)
-    seconds = generation["seconds"]
-    return {**scored, "generate_seconds": round(seconds, 1), "generated_tokens": generation["generated_tokens"],
-            "generated_tps": generation["generated_tokens"] / seconds if seconds > 0 else None,
-            "max_new_tokens": config.max_new_tokens, "batch": config.batch_size}
-
-
 def _like_with_like(rows: list[dict]) -> None:
     """Each factorized row against the dense artifact (not the baseline) on the same engine, backend and weight
     format, when one was validated too: what compression gains over exporting the dense model the same way."""
@@ -254,7 +243,7 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
             generation = result.pop("humaneval_generation", None)
             row.update(result)
             if generation is not None:
-                row["humaneval"] = _score_humaneval(generation, problems, tokenizer, cfg.humaneval, progress)
+                row["humaneval"] = humaneval.score_generation(generation, problems, tokenizer, cfg.humaneval, progress)
             if result["status"] == "ok":
                 logits = np.load(spec["logits_file"])
                 same = reference(artifact.source)

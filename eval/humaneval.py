@@ -9,6 +9,7 @@ HumanEval stop sequences. The program run is prompt + completion + the problem's
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -130,3 +131,26 @@ def score(items: list[dict], completions: list[str], config: HumanEvalConfig = H
         "timed_out": sum(r["status"] == "timed_out" for r in records),
         "problems": records,
     }
+
+
+def generate(runtime, prompts: list[list[int]], max_new_tokens: int, tokenizer_dir: str, batch: int) -> dict:
+    """Greedy completions (token ids) of the HumanEval prompts on `runtime`, stopped by StopRule; runs inside
+    the engine's process, so it returns plain data: the completion ids, the seconds and the tokens generated."""
+    from basel_edge.models import load_tokenizer
+
+    start = time.perf_counter()
+    outputs = runtime.generate_batch(prompts, max_new_tokens, StopRule(load_tokenizer(tokenizer_dir)), batch=batch)
+    seconds = time.perf_counter() - start
+    return {"completion_ids": outputs, "seconds": seconds, "generated_tokens": sum(map(len, outputs))}
+
+
+def score_generation(generation: dict, items: list[dict], tokenizer, config: HumanEvalConfig = HumanEvalConfig(),
+                     progress: bool = False) -> dict:
+    """Score what `generate` returned: pass@1 and the per-problem records of `score`, with the generation's
+    time and throughput."""
+    completions = [completion_text(ids, tokenizer) for ids in generation["completion_ids"]]
+    seconds = generation["seconds"]
+    return {**score(items, completions, config, progress=progress), "generate_seconds": round(seconds, 1),
+            "generated_tokens": generation["generated_tokens"],
+            "generated_tps": generation["generated_tokens"] / seconds if seconds > 0 else None,
+            "max_new_tokens": config.max_new_tokens, "batch": config.batch_size}

@@ -32,19 +32,6 @@ def nll_of_row(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
     return float((logz - x[np.arange(len(x)), lab[keep]]).sum()), int(keep.sum())
 
 
-def generate_humaneval(runtime, spec: dict) -> dict:
-    """Greedy completions of the HumanEval prompts (token ids), stopped by eval.humaneval's rule."""
-    from basel_edge.models import load_tokenizer
-
-    from .humaneval import StopRule
-
-    start = time.perf_counter()
-    outputs = runtime.generate_batch(spec["prompts"], spec["max_new_tokens"], StopRule(load_tokenizer(spec["tokenizer"])),
-                                     batch=spec["batch"])
-    seconds = time.perf_counter() - start
-    return {"completion_ids": outputs, "seconds": seconds, "generated_tokens": sum(map(len, outputs))}
-
-
 def measure(spec: dict) -> dict:
     from runtimes import open_runtime, peak_rss_bytes
 
@@ -63,7 +50,11 @@ def measure(spec: dict) -> dict:
     decode = [g.decode_tokens_per_second for g in runs]
     result = {}
     if spec.get("humaneval"):
-        result["humaneval_generation"] = generate_humaneval(runtime, spec["humaneval"])
+        from .humaneval import generate
+
+        he = spec["humaneval"]
+        result["humaneval_generation"] = generate(runtime, he["prompts"], he["max_new_tokens"], he["tokenizer"],
+                                                  he["batch"])
     return {
         **result,
         "info": runtime.info(),

@@ -207,7 +207,6 @@ def _module_scope(node) -> str | None:
 
 def name_nodes_by_module(proto) -> None:
     """Rename nodes `/<module path>/<OpType>` and MatMul weight constants `<module>.weight_t` (in place)."""
-    from onnx import numpy_helper  # noqa: F401  (keeps onnx import local to this target)
 
     initializers = {init.name: init for init in proto.graph.initializer}
     used = Counter()
