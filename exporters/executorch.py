@@ -40,7 +40,7 @@ from basel_edge.errors import UserError
 from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
-from basel_edge.rotation import rotate_hidden_
+from basel_edge.rotation import prepare_for_int8_
 
 from . import Exporter, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement
@@ -258,19 +258,19 @@ def should_rotate(model: nn.Module, config: ExecutorchExportConfig) -> bool:
 def prepare(model: nn.Module, config: ExecutorchExportConfig) -> nn.Module:
     """The model ready to trace: rotated and quantized when asked, delegable norms, no embedding padding_idx.
 
-    `model.basel_rotated` says whether the hidden space was rotated. padding_idx only matters for training,
-    and it keeps ExecuTorch's quant fusion from matching the dequantize+embedding pattern (the int8 table
-    would then have no kernel).
+    `model.basel_rotation` names the exact transforms applied before quantizing (empty when none). padding_idx
+    only matters for training, and it keeps ExecuTorch's quant fusion from matching the dequantize+embedding
+    pattern (the int8 table would then have no kernel).
     """
     model.get_input_embeddings().padding_idx = None
-    rotated = False
+    rotation: tuple[str, ...] = ()
     if should_rotate(model, config):
         untie_embeddings_(model)
-        rotated = rotate_hidden_(model)
+        rotation = prepare_for_int8_(model)
     if config.quantized:
         quantize_(model, config.weights, config.keep_8bit)
     replace_rms_norms_(model)
-    model.basel_rotated = rotated
+    model.basel_rotation = rotation
     return model
 
 
@@ -494,8 +494,8 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
         if ref.factorized:
             (tmp / DIMENSION_FILE).write_bytes((ref.path / DIMENSION_FILE).read_bytes())
         scheme = config.scheme()
-        if getattr(model, "basel_rotated", False):
-            scheme["rotation"] = "hidden space and value heads rotated by seeded random orthogonal matrices before quantizing (basel_edge.rotation)"
+        if getattr(model, "basel_rotation", ()):
+            scheme["rotation"] = f"{', '.join(model.basel_rotation)} (seeded random orthogonal matrices, exact in float) before quantizing (basel_edge.rotation)"
         info = {
             "target": "executorch",
             "source": str(ref.path),
