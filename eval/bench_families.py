@@ -52,6 +52,14 @@ TEXTS = [
 PROMPT = "def fibonacci(n):"
 
 
+def round_trip_texts(tok) -> list[str]:
+    """Texts the GGUF tokenizer must split as the HF one does: unicode, whitespace, and the special tokens with
+    the first added ones, glued to text and to each other."""
+    added = [t.content for t in tok.added_tokens_decoder.values()][:ADDED_TOKENS]
+    specials = "".join(dict.fromkeys([*tok.all_special_tokens, *added]))
+    return [*TEXTS, f"{specials} between {specials[::-1][:3]} text", f"x{specials}y\n"]
+
+
 def _logits_in_child(path: str, ids: list[int]) -> np.ndarray:
     from runtimes import open_runtime
 
@@ -181,13 +189,11 @@ def main() -> None:
 
         def tokenizer() -> dict:
             export_gguf(dense, work / "dense-q8_0.gguf", overwrite=True, progress=False)
-            added = [t.content for t in tok.added_tokens_decoder.values()][:ADDED_TOKENS]
-            specials = "".join(dict.fromkeys([*tok.all_special_tokens, *added]))
-            texts = [*TEXTS, f"{specials} between {specials[::-1][:3]} text", f"x{specials}y\n"]
+            texts = round_trip_texts(tok)
             expected = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
             got = run_isolated(_tokenizer_in_child, str(work / "dense-q8_0.gguf"), texts)
             mismatches = [t for t, e, g in zip(texts, expected, got) if e != g]
-            return {"ok": not mismatches, "texts": len(texts), "special_and_added_tokens": specials,
+            return {"ok": not mismatches, "texts": len(texts), "special_and_added_tokens": texts[-1][1:-2],
                     "mismatches": mismatches}
         _timed(results, "gguf_tokenizer_round_trip", tokenizer)
 
