@@ -1,4 +1,4 @@
-"""The factorized checkpoint (DESIGN.md section 4): save, strict load, inspect, merge back to dense.
+"""The factorized checkpoint (ARCHITECTURE.md section 4): save, strict load, inspect, merge back to dense.
 
 A directory with the dense model's config and tokenizer files unchanged, `model.safetensors` holding every
 tensor except the factorized linears plus `<name>.a.weight` [r, in] and `<name>.b.weight` [out, r], and

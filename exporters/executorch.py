@@ -1,7 +1,7 @@
 """ExecuTorch target: a `.pte` decoder with a static KV cache, lowered to XNNPACK, validated on the runtime.
 
 Built from ExecuTorch's own pieces rather than transformers' static-cache export, which fragments the graph
-(DESIGN.md section 7): the HF model runs with an attention function that writes the new keys and values into
+(ARCHITECTURE.md section 7): the HF model runs with an attention function that writes the new keys and values into
 per-layer cache buffers with `llama::update_cache` and attends with `llama::custom_sdpa`
 (`executorch.extension.llm.custom_ops`), so the cache is a mutable buffer of the program and the runner
 passes only `(tokens [1, T], input_pos [1])`, the signature of ExecuTorch's llama runner. Then
@@ -10,11 +10,12 @@ passes only `(tokens [1, T], input_pos [1])`, the signature of ExecuTorch's llam
 
 int8 (the default) is torchao's 8-bit dynamic activations + int8 per-channel weights ("8da8w") on every
 linear factor and the untied lm_head, and int8 per-row weights for the embedding (fused to
-`quantized_decomposed::embedding_byte`): DESIGN.md section 5; weight-only int8 lowers silently wrong in this
-version, which the logits check after export would catch. Factorized checkpoints are first rotated in their
-hidden space (`basel_edge.rotation`, exact in float): per-token int8 activations of SVD-LLM factors were so
-noisy that the .pte and its eager model, which differ only in float rounding order, agreed on 0.81 of the
-top-1 tokens (issue 6).
+`quantized_decomposed::embedding_byte`): ARCHITECTURE.md section 5; weight-only int8 lowers silently wrong in
+this version, which the logits check after export would catch. Factorized checkpoints are first rotated
+(`basel_edge.rotation.prepare_for_int8_`, exact in float): the hidden space where the layout allows it, else
+the value heads and factor ranks. Without it per-token int8 activations of SVD-LLM factors were so noisy that
+the .pte and its eager model, which differ only in float rounding order, agreed on 0.81 of the top-1 tokens
+(issue 6).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class ExecutorchExportConfig:
     max_kl_int4: float = 0.5
     # int4: linears kept at 8da8w: "output" (the lm_head) and/or layer numbers
     keep_8bit: tuple[str, ...] | None = None
-    # int8: rotate the hidden space before quantizing (basel_edge.rotation); None = factorized checkpoints only.
+    # quantized: rotate before quantizing (basel_edge.rotation.prepare_for_int8_); None = factorized checkpoints only.
     # SVD-LLM keep 0.5 SmolLM2 without it: eager 8da8w top-1 0.81 vs fp32, and the .pte 0.81 vs its own eager
     # model, as two int8 runs that differ only in float rounding order diverge that much (issue 6)
     rotate: bool | None = None
@@ -128,7 +129,8 @@ class ExecutorchExportConfig:
             "embedding": "torchao IntxWeightOnlyConfig(int8, PerAxis(0)) -> quantized_decomposed::embedding_byte",
             "lm_head": "untied from the embedding, 8da8w",
             "activations": "float32, quantized per token to int8 inside each linear",
-            "why": "bit-exact vs eager on a tiny model; weight-only int8 lowers silently wrong (DESIGN.md section 5)",
+            "why": "bit-exact vs eager on a tiny model; weight-only int8 lowers silently wrong "
+                   "(ARCHITECTURE.md section 5)",
         }
 
 

@@ -1,12 +1,12 @@
 """ONNX target: a decoder with KV cache, int8 two-matmul layers, validated on onnxruntime after export.
 
 Built with the maintained exporter, `torch.onnx.export(dynamo=True)` (optimum-onnx does not import with
-transformers 5, DESIGN.md section 7), around a thin wrapper that takes the KV cache as flat tensors
+transformers 5, ARCHITECTURE.md section 7), around a thin wrapper that takes the KV cache as flat tensors
 (`past_key_values.N.key/value` in, `present.N.key/value` out, optimum's names). Nodes are renamed after the
 module they come from (`/model/layers/0/self_attn/q_proj/a/MatMul`), so the two MatMuls of each factorized
 linear can be found and counted.
 
-int8 (the default) is the scheme measured fastest on CPU at near-fp32 accuracy (DESIGN.md section 5):
+int8 (the default) is the scheme measured fastest on CPU at near-fp32 accuracy (ARCHITECTURE.md section 5):
 `MatMulNBits` bits=8, symmetric, block 32 (a rank of 144 is not padded to 256), accuracy_level=4 (int8
 compute; the default level decodes at ~1 tok/s); the tied lm_head is untied so it is quantized too, and the
 embedding Gather is int8 per row with a float scale, done here because the stock quantizer only takes
@@ -111,7 +111,7 @@ class OnnxExportConfig:
                       f"accuracy_level={self.accuracy_level}",
             "embedding": "Gather int8 per-row symmetric, float scale",
             "activations": "float32",
-            "why": "fastest measured CPU decode at near-fp32 perplexity (DESIGN.md section 5)",
+            "why": "fastest measured CPU decode at near-fp32 perplexity (ARCHITECTURE.md section 5)",
         }
         if self.weights == "int4":
             scheme["kept_at_8_bits"] = list(self.keep_8bit)

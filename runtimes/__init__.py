@@ -1,4 +1,4 @@
-"""Runtime engines behind one interface (DESIGN.md section 8), registered by name.
+"""Runtime engines behind one interface (ARCHITECTURE.md section 8), registered by name.
 
 An engine module defines a `Runtime` subclass and decorates it with `@register`. `open_runtime(engine, path,
 device)` imports the module on first use; an engine that cannot run here raises `Unavailable` with the reason,

@@ -203,7 +203,7 @@ def test_norms_stay_inside_delegates(exported):
 
 
 def test_weight_only_int8_lowering_is_caught(factorized, tmp_path, monkeypatch):
-    """DESIGN.md section 5: torchao weight-only int8 lowers to XNNPACK silently wrong in this version; the
+    """ARCHITECTURE.md section 5: torchao weight-only int8 lowers to XNNPACK silently wrong in this version; the
     check of the .pte against the eager quantized model must refuse it and leave nothing behind."""
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis

@@ -225,7 +225,7 @@ def to_basel(
     for p in model.parameters():
         p.requires_grad_(False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small SVDs: one thread is much faster (DESIGN.md section 7)
+    torch.set_num_threads(1)  # many small SVDs: one thread is much faster (ARCHITECTURE.md section 7)
     try:
         for name, module in tqdm(list(decoder_linears(model).items()), desc=f"basel: {cfg.basis} SVD",
                                  unit="matrix", disable=not progress):
