@@ -253,6 +253,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         reps=args.reps,
         compare_to=args.compare_to,
+        overwrite=args.overwrite,
         humaneval=_humaneval_config(args),
         timeout_s=args.timeout,
     )
@@ -303,7 +304,9 @@ def _add_validate_parser(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=8, help="HumanEval: sequences generated at once")
     p.add_argument("--timeout", type=_positive_int,
                    help="seconds one artifact on one backend may take (default 1800; 14400 with --humaneval)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="report folder (an earlier report there is replaced; any other non-empty folder needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder that holds other files")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_validate)

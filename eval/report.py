@@ -175,6 +175,15 @@ def compare_reports(old: dict, new: dict) -> list[dict]:
     return found
 
 
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_size.png", "decode_tps.png")
+
+
+def holds_only_a_report(folder: Path) -> bool:
+    """Whether `folder` holds an earlier report (report.json) and nothing but the files a report is made of."""
+    entries = list(folder.iterdir())
+    return (folder / "report.json").is_file() and all(e.is_file() and e.name in REPORT_FILES for e in entries)
+
+
 def write_report(report: dict, out: str | Path, overwrite: bool = True) -> Path:
     """Write report.json, report.md and the plots into `out` (all or nothing)."""
     validate_schema(report)

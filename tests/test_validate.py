@@ -140,3 +140,25 @@ def test_peak_rss_is_the_workers_own(report):
     ok = [r for r in report[0]["rows"] if r["status"] == "ok"]
     assert ok and all(0 < r["peak_rss_bytes"] < harness_peak * 4 for r in ok)
     assert len({r["peak_rss_bytes"] for r in ok}) > 1
+
+
+def test_report_folder_never_replaces_an_input_or_a_foreign_folder(capsys, tiny_llama, artifacts, report, tmp_path):
+    """-o is replaced as a whole, so it is checked before any work: an input, or a folder with other files in
+    it, is refused (exit 2, nothing touched); an earlier report's folder is replaced; --overwrite is asked for
+    anything else that is not empty."""
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    fact_files = sorted(p.name for p in (artifacts / "fact").iterdir())
+    base = ["validate", "--baseline", str(tiny_llama), str(artifacts / "fact"), "--quiet"]
+    for output, extra, fragment in [(foreign, [], "--overwrite"), (artifacts / "fact", [], "input"),
+                                    (artifacts / "fact", ["--overwrite"], "input"), (artifacts, [], "input"),
+                                    (foreign / "mine.txt", [], "is a file")]:
+        assert main([*base, "-o", str(output), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+    assert (foreign / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (artifacts / "fact").iterdir()) == fact_files
+    _, earlier = report
+    ValidateConfig(baseline=str(tiny_llama), artifacts=[str(artifacts / "fact")], out=earlier)  # no error
+    ValidateConfig(baseline=str(tiny_llama), artifacts=[str(artifacts / "fact")], out=foreign, overwrite=True)
