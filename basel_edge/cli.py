@@ -20,6 +20,13 @@ DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_EVAL_TOKENS = 32768
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line and a pointer to --help instead of the whole usage block (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _keep(value: str) -> float:
     try:
         keep = float(value)
@@ -319,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
     from .ranks import ALLOCATIONS
 
-    parser = argparse.ArgumentParser(prog="basel-edge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="basel-edge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"basel-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -330,3 +330,11 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_llama, tiny_text
     assert want.keys() == got.keys() and want
     for name in want:
         assert (want[name] - got[name]).abs().max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("option", ["lr", "lr_add", "finetune_lr", "bsi_eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0])
+def test_config_refuses_non_finite_or_non_positive_rates(option, value):
+    """Library callers get the CLI's checks: a NaN rate would train to NaN weights and exit 0 (issue 20)."""
+    with pytest.raises(UserError):
+        _cfg(**{option: value})

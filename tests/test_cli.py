@@ -79,12 +79,21 @@ def test_cli_user_errors(capsys, tiny_llama, tmp_path, argv, fragments):
     assert not (tmp_path / "o").exists()
 
 
-def test_keep_out_of_range_exits_2(capsys, tmp_path):
-    for keep in ("0", "1.5", "-0.2", "abc"):
-        with pytest.raises(SystemExit) as exc:
-            main(["compress", "--task", "python-code", "--keep", keep, "-o", str(tmp_path / "o")])
-        assert exc.value.code == 2
-        assert "keep" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,fragment", [
+    *((["compress", "--task", "python-code", "--keep", keep], "keep") for keep in ("0", "1.5", "-0.2", "abc", "nan")),
+    (["compress", "--task", "python-code", "--method", "basel", "--lr", "nan"], "--lr"),
+    (["compress", "--task", "python-code", "--method", "basel", "--finetune-lr", "inf"], "--finetune-lr"),
+    (["compress", "--task", "python-code", "--rank-multiple", "0"], "--rank-multiple"),
+    (["finetune", "ckpt", "--lr", "nan"], "--lr"),
+    (["finetune", "ckpt", "--lr", "-1"], "--lr"),
+])
+def test_bad_option_values_exit_2_with_one_line(capsys, tmp_path, argv, fragment):
+    """NaN, inf and out-of-range numbers are refused before any work, in one line that points at --help."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and fragment in err and "--help" in err and "usage:" not in err, err
     assert not (tmp_path / "o").exists()
 
 

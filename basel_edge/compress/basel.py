@@ -116,9 +116,10 @@ class BaselConfig:
                 f"{self.prune_events} pruning events do not fit in the {self.steps - self.keep_steps} steps after "
                 "the keep phase; give more steps or fewer events"
             )
-        if self.lr <= 0 or (self.lr_add is not None and self.lr_add <= 0) or self.finetune_lr <= 0:
-            raise UserError("learning rates must be positive")
-        if self.bsi_probes < 1 or self.bsi_eps <= 0:
+        rates = (self.lr, self.finetune_lr) + (() if self.lr_add is None else (self.lr_add,))
+        if not all(0 < r < math.inf for r in rates):  # written so that NaN fails too
+            raise UserError(f"learning rates must be positive and finite, got {', '.join(map(str, rates))}")
+        if self.bsi_probes < 1 or not 0 < self.bsi_eps < math.inf:
             raise UserError("BSI needs at least one probe and a positive epsilon")
         if self.bsi_hessian not in BSI_HESSIANS:
             raise UserError(f"unknown BSI Hessian estimate '{self.bsi_hessian}'; choose one of {', '.join(BSI_HESSIANS)}")
