@@ -19,6 +19,13 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             raise UserError(f"output {path} already exists; choose another path or pass --overwrite")
 
 
+def chmod_as_new(path: Path) -> None:
+    """Give a file or folder made private by mkstemp/mkdtemp the mode a plain new one would have (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only if the body finishes without an exception."""
@@ -26,9 +33,7 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Pat
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    chmod_as_new(tmp)
     try:
         yield tmp
     except BaseException:

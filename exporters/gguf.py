@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from basel_edge.atomic import chmod_as_new
 from basel_edge.errors import UserError
 
 from . import Exporter, parse_keep_8bit, register
@@ -364,6 +365,7 @@ def export_gguf(
                 requantize(f32, tmp, weights, quantize_options)
             finally:
                 f32.unlink(missing_ok=True)
+        chmod_as_new(tmp)
         tmp.replace(output)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ llama.cpp's own message instead of killing pytest.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,9 @@ def test_dense_layout_is_a_standard_llama_gguf(tiny_rank32, tmp_path):
     assert shapes["blk.1.ffn_down.weight"] == (MLP, HIDDEN)
     summary = read_summary(tmp_path / "d.gguf")
     assert not summary.factorized and summary.layout == "dense"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "d.gguf").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_rank_is_zero_padded_to_q8_0_blocks(tiny, tmp_path):
