@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -26,13 +27,48 @@ def chmod_as_new(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def partial_prefix(path: Path) -> str:
+    """Name prefix of a partial output for `path`; it carries the writer's PID so a later run can tell a
+    killed writer's leftovers from a live one's."""
+    return f".{path.name}.partial-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete the partial outputs for `path` that a killed run (kill -9, power loss) left beside it: those whose
+    writer process is gone. A live writer's partial output is left alone. Returns what was removed."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        pid = partial.name.removeprefix(f".{path.name}.partial-").split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        removed.append(partial)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only if the body finishes without an exception."""
     path = Path(path)
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(path), dir=path.parent))
     chmod_as_new(tmp)
     try:
         yield tmp

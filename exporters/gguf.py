@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from basel_edge.atomic import chmod_as_new
+from basel_edge.atomic import chmod_as_new, partial_prefix, remove_stale_partials
 from basel_edge.errors import UserError
 
 from . import Exporter, parse_keep_8bit, register
@@ -336,7 +336,8 @@ def export_gguf(
     converter = _Converter(cfg, written, layout, fuse, pad_ranks=quantized)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    remove_stale_partials(output)
+    fd, tmp_name = tempfile.mkstemp(prefix=partial_prefix(output), dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

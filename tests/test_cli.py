@@ -122,3 +122,47 @@ def test_console_script_prints_one_line_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_a_killed_writers_partial_output_is_removed_by_the_next_run(tmp_path):
+    """kill -9 cannot be cleaned up after; the next write to the same output removes what the dead writer left
+    (its PID is in the partial name) and leaves a live writer's partial output alone."""
+    out = tmp_path / "o"
+    script = ("import os, signal, sys\nfrom basel_edge.atomic import atomic_output_dir\n"
+              "with atomic_output_dir(sys.argv[1]) as tmp:\n    (tmp / 'weights').write_bytes(b'x' * 4096)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script, str(out)], check=False).returncode == -9
+    stale = list(tmp_path.glob(".o.partial-*"))
+    assert len(stale) == 1 and (stale[0] / "weights").is_file()
+    with subprocess.Popen(["sleep", "30"]) as live_writer:
+        live = tmp_path / f".o.partial-{live_writer.pid}-abc"
+        live.mkdir()
+        try:
+            from basel_edge.atomic import atomic_output_dir
+
+            with atomic_output_dir(out) as tmp:
+                (tmp / "done").write_text("1")
+            assert not stale[0].exists() and live.is_dir() and (out / "done").is_file()
+        finally:
+            live_writer.kill()
+
+
+def test_sigterm_exits_143_and_leaves_no_output(tiny_llama, tiny_text_data, tmp_path):
+    """SIGTERM (timeout, CI, containers) is handled like Ctrl-C: one line, exit 143, no output folder."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "basel_edge", "compress", "--model", str(tiny_llama), "--data", str(tiny_text_data),
+         "--method", "basel", "--rank-multiple", "8", "--r-add", "4", "--steps", "100000", "--train-seq-len", "32",
+         "--checkpoint-every", "2", "--quiet", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / ".o.train").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "basel-edge: terminated (SIGTERM)" and "Traceback" not in err, err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
