@@ -7,6 +7,7 @@ HF directory (safetensors, fp32) in the cache and then treated as "the dense mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -92,9 +93,12 @@ def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: li
     tqdm.write(f"basel-edge: converting {gguf_path.name} to an HF checkpoint in {target} (once)")
     with atomic_output_dir(target, overwrite=True) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+            )
+        _check_loaded(info, gguf_path, "a factorized GGUF written by `basel-edge export` runs in llama.cpp only "
+                                       "(`basel-edge validate` takes it); give its source checkpoint instead")
         # The weights are dequantized to fp32: drop the GGUF quantization marker so the model saves as a
         # plain checkpoint.
         if hasattr(model.config, "quantization_config"):
@@ -109,6 +113,28 @@ def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: li
             "gguf": str(gguf_path), "sha256_16": _file_digest(gguf_path),
             "license_files": [lic.name for lic in license_files]}, indent=2))
     return target
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a table of missing/unexpected keys; _check_loaded says it in one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _check_loaded(info: dict, where: Path, hint: str) -> None:
+    """Refuse a model whose weights file did not cover it: transformers would have initialised the missing
+    tensors at random and every number computed from it would be noise."""
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{where}: {len(missing)} of the model's tensors are not in its weights (e.g. {missing[0]}); "
+                        f"{hint}")
 
 
 def check_supported(config: dict, where: Path) -> None:
@@ -144,7 +170,11 @@ def load_dense(path: str | Path, dtype=None):
     path = Path(path)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserError(f"{path} has a config.json but no weights (*.safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    with _quiet_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                           output_loading_info=True)
+    _check_loaded(info, path, "a factorized checkpoint needs its basel.json beside model.safetensors; otherwise "
+                              "the weights file is incomplete or from another model")
     model.eval()
     return model
 

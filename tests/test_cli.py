@@ -166,3 +166,26 @@ def test_sigterm_exits_143_and_leaves_no_output(tiny_llama, tiny_text_data, tmp_
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "basel-edge: terminated (SIGTERM)" and "Traceback" not in err, err[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
+
+
+def test_a_model_whose_weights_do_not_cover_it_is_refused_not_randomly_filled(capsys, tiny_llama, tmp_path,
+                                                                                monkeypatch):
+    """transformers fills missing tensors at random and goes on; perplexity 4e10 with exit 0 was the result.
+    A factorized checkpoint without its basel.json and a factorized GGUF (llama.cpp only) are both refused, and
+    the GGUF's failed conversion is not cached."""
+    from basel_edge.checkpoint import save_factorized
+    from basel_edge.compress import Budget, compress
+    from basel_edge.models import load_dense
+    from exporters.gguf import export_gguf
+
+    monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
+    model = load_dense(tiny_llama)
+    compress(model, "svd", Budget(ranks={"*": 16}, rank_multiple=8), progress=False)
+    save_factorized(model, tmp_path / "fact", tiny_llama, method="svd", rank_multiple=8)
+    export_gguf(tmp_path / "fact", tmp_path / "fact.gguf", progress=False)
+    (tmp_path / "fact" / "basel.json").unlink()
+    code, _, err = run(capsys, "eval-ppl", tmp_path / "fact", "--task", "python-code", "--max-tokens", "64")
+    _assert_user_error(code, err, "not in its weights", "basel.json")
+    code, _, err = run(capsys, "eval-ppl", tmp_path / "fact.gguf", "--task", "python-code", "--max-tokens", "64")
+    _assert_user_error(code, err, "not in its weights", "llama.cpp")
+    assert not list((tmp_path / "cache" / "models").glob("fact-*"))

@@ -132,8 +132,9 @@ def test_license_files_travel_with_the_converted_model_and_its_checkpoints(tmp_p
         patched.setattr(transformers.AutoTokenizer, "from_pretrained",
                         lambda *a, **k: type("T", (), {"save_pretrained": lambda self, d: fake_convert(d)})())
         patched.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: type("M", (), {"config": type("C", (), {})(), "hf_quantizer": None,
-                                                         "save_pretrained": lambda self, d: None})())
+                        lambda *a, **k: (type("M", (), {"config": type("C", (), {})(), "hf_quantizer": None,
+                                                          "save_pretrained": lambda self, d: None})(),
+                                         {"missing_keys": []}))
         converted = models.materialize_gguf(gguf_file, name="m", license_files=[terms])
     assert (converted / "TERMS.html").read_text() == "the terms"
     model = load_dense(converted)
