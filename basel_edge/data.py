@@ -137,15 +137,14 @@ def _record_to_example(record: object, where: str) -> Example:
 def read_jsonl(path: Path) -> list[Example]:
     """Examples from a JSONL file, one JSON object per line."""
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(_record_to_example(record, f"{path}:{lineno}"))
+    for lineno, line in enumerate(_read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        examples.append(_record_to_example(record, f"{path}:{lineno}"))
     if not examples:
         raise UserError(f"{path} holds no records")
     return examples

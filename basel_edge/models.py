@@ -168,7 +168,10 @@ def load_dense(path: str | Path, dtype=None):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise UserError(f"{path} holds pickle weights (*.bin), which can run code when loaded and are not "
+                            "opened here; convert them to safetensors first")
         raise UserError(f"{path} has a config.json but no weights (*.safetensors)")
     with _quiet_load_report():
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,

@@ -71,10 +71,27 @@ class ValidateConfig:
             self.timeout_s = 4 * 3600 if self.humaneval is not None else 1800
         if self.timeout_s <= 0:
             raise UserError(f"--timeout must be positive, got {self.timeout_s}")
-        if self.compare_to is not None and not Path(self.compare_to).is_file():
-            raise UserError(f"--compare-to {self.compare_to} does not exist")
+        if self.compare_to is not None:
+            check_earlier_report(Path(self.compare_to))
         self.out = Path(self.out)
         check_report_folder(self.out, [self.baseline, *self.artifacts], self.overwrite)
+
+
+def check_earlier_report(path: Path) -> dict:
+    """The report `--compare-to` names, read and checked against the schema before any work (it used to fail
+    with a traceback after every measurement was done, and no report was written)."""
+    import jsonschema
+
+    from basel_edge.errors import read_json
+
+    from .report import validate_schema
+
+    earlier = read_json(path, f"--compare-to {path} does not exist")
+    try:
+        validate_schema(earlier)
+    except jsonschema.ValidationError as exc:
+        raise UserError(f"--compare-to {path} is not a report.json of `basel-edge validate` ({exc.message[:120]})") from None
+    return earlier
 
 
 def check_report_folder(out: Path, inputs: list[str], overwrite: bool) -> None:

@@ -189,3 +189,23 @@ def test_a_model_whose_weights_do_not_cover_it_is_refused_not_randomly_filled(ca
     code, _, err = run(capsys, "eval-ppl", tmp_path / "fact.gguf", "--task", "python-code", "--max-tokens", "64")
     _assert_user_error(code, err, "not in its weights", "llama.cpp")
     assert not list((tmp_path / "cache" / "models").glob("fact-*"))
+
+
+def test_pickle_weights_and_non_utf8_data_are_refused_in_one_line(capsys, tiny_llama, tmp_path):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    code, _, err = run(capsys, "eval-ppl", pickled, "--task", "python-code", "--max-tokens", "64")
+    _assert_user_error(code, err, "pickle", "safetensors")
+    bad = tmp_path / "data.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe broken"}\n')
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.jsonl").write_bytes(bad.read_bytes())
+    for data in (bad, folder):
+        code, _, err = run(capsys, "compress", "--model", tiny_llama, "--data", data, "-o", tmp_path / "o")
+        _assert_user_error(code, err, "not UTF-8")
+        assert not (tmp_path / "o").exists()

@@ -162,3 +162,16 @@ def test_report_folder_never_replaces_an_input_or_a_foreign_folder(capsys, tiny_
     _, earlier = report
     ValidateConfig(baseline=str(tiny_llama), artifacts=[str(artifacts / "fact")], out=earlier)  # no error
     ValidateConfig(baseline=str(tiny_llama), artifacts=[str(artifacts / "fact")], out=foreign, overwrite=True)
+
+
+@pytest.mark.parametrize("content,fragment", [("not json", "not valid JSON"), ('{"rows": 3}', "not a report.json"),
+                                              ("[1, 2]", "not a report.json")])
+def test_compare_to_a_file_that_is_not_a_report_is_refused_before_any_work(capsys, tiny_llama, artifacts, tmp_path,
+                                                                          content, fragment):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(content)
+    code = main(["validate", "--baseline", str(tiny_llama), str(artifacts / "fact"), "--compare-to", str(earlier),
+                 "-o", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
