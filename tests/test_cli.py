@@ -209,3 +209,11 @@ def test_pickle_weights_and_non_utf8_data_are_refused_in_one_line(capsys, tiny_l
         code, _, err = run(capsys, "compress", "--model", tiny_llama, "--data", data, "-o", tmp_path / "o")
         _assert_user_error(code, err, "not UTF-8")
         assert not (tmp_path / "o").exists()
+
+
+def test_importing_the_export_stack_writes_nothing_on_stderr():
+    """torchao and torch printed four lines on every ExecuTorch command before basel-edge's own output."""
+    pytest.importorskip("executorch")
+    proc = subprocess.run([sys.executable, "-c", "import basel_edge, executorch.exir, torchao.quantization"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
