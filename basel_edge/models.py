@@ -58,6 +58,14 @@ def gguf_architecture(path: Path) -> str:
         raise UserError(f"{path} is not a readable GGUF file ({exc})") from None
 
 
+def _require_gguf_tokenizer(path: Path) -> None:
+    """transformers converts a GGUF only with its tokenizer; say so instead of its ValueError."""
+    from gguf import GGUFReader
+
+    if "tokenizer.ggml.model" not in GGUFReader(path).fields:
+        raise UserError(f"{path} has no tokenizer metadata (tokenizer.ggml.*); give a GGUF written with its tokenizer")
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -76,6 +84,7 @@ def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: li
             f"{gguf_path}: GGUF architecture '{arch}' is not supported; "
             f"supported: {', '.join(gguf_architectures())}"
         )
+    _require_gguf_tokenizer(gguf_path)
     target = cache_dir() / "models" / (name or f"{gguf_path.stem}-{_file_digest(gguf_path)}")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         source = read_json(target / SOURCE_FILE, f"{target / SOURCE_FILE} is missing; delete {target} to convert again")

@@ -122,6 +122,7 @@ def test_license_files_travel_with_the_converted_model_and_its_checkpoints(tmp_p
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
     monkeypatch.setattr(models, "gguf_architecture", lambda path: "llama")
+    monkeypatch.setattr(models, "_require_gguf_tokenizer", lambda path: None)
 
     def fake_convert(tmp_dir):
         shutil.copytree(tiny_llama, tmp_dir, dirs_exist_ok=True)
@@ -142,3 +143,11 @@ def test_license_files_travel_with_the_converted_model_and_its_checkpoints(tmp_p
     save_factorized(model, tmp_path / "fact", converted, method="svd", rank_multiple=8)
     assert (tmp_path / "fact" / "TERMS.html").read_text() == "the terms"
     assert (tmp_path / "fact" / models.SOURCE_FILE).is_file()
+
+
+def test_gguf_without_a_tokenizer_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
+    path = _write_gguf(tmp_path / "m.gguf", "llama")
+    with pytest.raises(UserError, match="no tokenizer metadata"):
+        resolve_model(path)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
