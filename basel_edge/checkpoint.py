@@ -83,14 +83,18 @@ class DimensionFile:
             if min(d.in_features, d.out_features, d.rank) <= 0:
                 raise bad(f"linear '{name}' has a non-positive dimension {d.to_json()}")
             dims[name] = d
-        return cls(
-            linears=dims,
-            params=dict(data.get("params") or {}),
-            method=data.get("method", "unknown"),
-            task=data.get("task"),
-            rank_multiple=int(data.get("rank_multiple", DEFAULT_RANK_MULTIPLE)),
-            extra=dict(data.get("extra") or {}),
-        )
+        params, extra = data.get("params") or {}, data.get("extra") or {}
+        if not isinstance(params, dict) or not all(isinstance(v, int) for v in params.values()):
+            raise bad("'params' must be an object of integer counts")
+        if not isinstance(extra, dict):
+            raise bad("'extra' must be an object")
+        rank_multiple = data.get("rank_multiple", DEFAULT_RANK_MULTIPLE)
+        if not isinstance(rank_multiple, int) or isinstance(rank_multiple, bool) or rank_multiple < 1:
+            raise bad(f"'rank_multiple' must be a positive integer, got {rank_multiple!r}")
+        method, task = data.get("method", "unknown"), data.get("task")
+        if not isinstance(method, str) or not (task is None or isinstance(task, str)):
+            raise bad("'method' and 'task' must be strings")
+        return cls(linears=dims, params=params, method=method, task=task, rank_multiple=rank_multiple, extra=extra)
 
 
 def read_dimension_file(path: str | Path) -> DimensionFile:

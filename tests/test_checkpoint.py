@@ -148,3 +148,14 @@ def test_failed_save_leaves_nothing_behind(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="config.json"):
         save_factorized(model, tmp_path / "out", tmp_path / "no-such-source", method="svd")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field,value,fragment", [("params", [1, 2, 3], "'params'"), ("params", {"dense": "x"}, "'params'"),
+                                                  ("rank_multiple", "abc", "'rank_multiple'"),
+                                                  ("rank_multiple", 0, "'rank_multiple'"), ("extra", 5, "'extra'"),
+                                                  ("method", 7, "'method'")])
+def test_dimension_file_fields_of_the_wrong_type(saved, field, value, fragment):
+    """A wrong type used to surface as a TypeError/ValueError traceback from the code that used the field."""
+    _edit_dims(saved, lambda d: d.update({field: value}))
+    with pytest.raises(UserError, match=fragment):
+        read_dimension_file(saved)
