@@ -13,8 +13,27 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_writable_parent(path: Path) -> None:
+    """Before any work: `path`'s folder (or the nearest one of its parents that exists) must be a folder this
+    process can create files in; otherwise the work would be lost at the end, when the output is written."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {parent} is not writable ({exc.strerror})") from None
+
+
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse to clobber a non-empty directory (or any file) unless the user asked to overwrite."""
+    """Refuse to clobber a non-empty directory (or any file) unless the user asked to overwrite, and an output
+    that could not be written."""
+    path = Path(path)
+    check_writable_parent(path)
     if path.exists() and not overwrite:
         if path.is_file() or any(path.iterdir()):
             raise UserError(f"output {path} already exists; choose another path or pass --overwrite")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from basel_edge.atomic import chmod_as_new, partial_prefix, remove_stale_partials
+from basel_edge.atomic import chmod_as_new, check_writable_parent, partial_prefix, remove_stale_partials
 from basel_edge.errors import UserError
 
 from . import Exporter, parse_keep_8bit, register
@@ -324,6 +324,7 @@ def export_gguf(
         raise UserError(f"output {output} already exists; choose another path or pass --overwrite")
     if output.is_dir():
         raise UserError(f"output {output} is a directory; give a .gguf file path")
+    check_writable_parent(output)
     if keep_8bit and weights not in QUANTIZE_TYPES:
         raise UserError(f"--keep-8bit applies to the llama-quantize formats ({', '.join(QUANTIZE_TYPES)}), not {weights}")
     cfg = _Config(json.loads((ref.path / "config.json").read_text()), ref.path)

@@ -217,3 +217,16 @@ def test_importing_the_export_stack_writes_nothing_on_stderr():
     proc = subprocess.run([sys.executable, "-c", "import basel_edge, executorch.exir, torchao.quantization"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tiny_llama, tiny_text_data, tmp_path):
+    """The output's parent is a file: compress, export and validate say so at once (they used to fail with
+    FileExistsError after all the work was done)."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "o"
+    for argv in (["compress", "--model", tiny_llama, "--data", tiny_text_data, "-o", out],
+                 ["export", "--target", "gguf", tiny_llama, "-o", tmp_path / "file" / "m.gguf"],
+                 ["validate", "--baseline", tiny_llama, tiny_llama, "-o", out]):
+        code, _, err = run(capsys, *argv)
+        _assert_user_error(code, err, "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "x"
