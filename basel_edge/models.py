@@ -171,6 +171,18 @@ def resolve_model(spec: str | Path) -> ModelRef:
     return ModelRef(path, (path / "basel.json").exists())
 
 
+def _check_safetensors(path: Path) -> None:
+    """Every *.safetensors file's header must read and its size match it (a truncated or garbage file)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file} is not a readable safetensors file ({exc})") from None
+
+
 def load_dense(path: str | Path, dtype=None):
     """Load a dense HF causal LM from a directory (fp32 by default), in eval mode."""
     import torch
@@ -182,9 +194,16 @@ def load_dense(path: str | Path, dtype=None):
             raise UserError(f"{path} holds pickle weights (*.bin), which can run code when loaded and are not "
                             "opened here; convert them to safetensors first")
         raise UserError(f"{path} has a config.json but no weights (*.safetensors)")
-    with _quiet_load_report():
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
-                                                           output_loading_info=True)
+    _check_safetensors(path)
+    try:
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                               output_loading_info=True)
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        raise UserError(f"{path}: tensor shapes in the weights do not match config.json; the config belongs to "
+                        "another model") from None
     _check_loaded(info, path, "a factorized checkpoint needs its basel.json beside model.safetensors; otherwise "
                               "the weights file is incomplete or from another model")
     model.eval()

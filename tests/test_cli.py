@@ -230,3 +230,23 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tin
         code, _, err = run(capsys, *argv)
         _assert_user_error(code, err, "is a file, not a folder")
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("damage,fragment", [("truncated", "not a readable safetensors"),
+                                             ("garbage", "not a readable safetensors"),
+                                             ("config", "do not match config.json")])
+def test_a_damaged_dense_model_folder_is_refused_in_one_line(capsys, tiny_llama, tmp_path, damage, fragment):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    weights = model / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"garbage" * 100)
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    code, _, err = run(capsys, "eval-ppl", model, "--task", "python-code", "--max-tokens", "64")
+    _assert_user_error(code, err, fragment)
