@@ -98,7 +98,7 @@ class ValidationReport:
         full = runtime.logits(list(prompt_ids) + cached[:-1])[len(prompt_ids) - 1 :].argmax(-1)
         agree = float(np.mean(full == np.asarray(cached)))
         self.metrics["kv_cache_agreement"] = agree
-        self.add("KV-cache decode vs full recompute (int8)", agree >= min_agreement,
+        self.add("KV-cache decode vs full recompute (quantized)", agree >= min_agreement,
                  f"{agree:.3f} of {steps} tokens (min {min_agreement})")
 
     def add_int8_floors(self, metrics: dict, min_agreement: float, max_kl: float, label: str = "int8") -> None:
