@@ -97,7 +97,7 @@ def check_earlier_report(path: Path) -> dict:
 def check_report_folder(out: Path, inputs: list[str], overwrite: bool) -> None:
     """Before any work: the report folder must not be or hold an input (it is replaced as a whole), and a
     non-empty folder is replaced only when it holds an earlier report or the user passed --overwrite."""
-    from basel_edge.atomic import check_writable_parent
+    from basel_edge.atomic import check_output_dir
 
     from .report import holds_only_a_report
 
@@ -109,10 +109,7 @@ def check_report_folder(out: Path, inputs: list[str], overwrite: bool) -> None:
                             "choose a report folder of its own")
     if out.is_file():
         raise UserError(f"-o {out} is a file; choose a folder for the report")
-    check_writable_parent(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not holds_only_a_report(out):
-        raise UserError(f"-o {out} is not empty and holds no earlier report; choose another folder or pass "
-                        "--overwrite to replace it")
+    check_output_dir(out, overwrite or (out.is_dir() and holds_only_a_report(out)))
 
 
 def cpu_model() -> str:
