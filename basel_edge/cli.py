@@ -219,8 +219,9 @@ def _add_export_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--weights", help="weight format; each target lists its own (default: the target's default)")
     p.add_argument("--keep-8bit", metavar="LIST",
-                   help="4-bit formats: keep these at 8 bits, comma-separated: embedding, output (the lm_head) "
-                        "and/or layer numbers, e.g. embedding,output,0,1")
+                   help="4-bit formats: keep these at 8 bits, comma-separated: embedding, output (the lm_head), "
+                        "a projection in every layer (q_proj … down_proj) and/or layer numbers, "
+                        "e.g. embedding,output,down_proj,0,1")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

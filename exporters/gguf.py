@@ -22,7 +22,7 @@ import torch
 from basel_edge.atomic import chmod_as_new, check_writable_parent, partial_prefix, remove_stale_partials
 from basel_edge.errors import UserError
 
-from . import Exporter, parse_keep_8bit, register
+from . import KEEP_8BIT_PROJECTIONS, Exporter, parse_keep_8bit, register
 from .gguf_format import (
     FORMAT_VERSION,
     FUSED_FIRST_FACTORS,
@@ -38,6 +38,8 @@ from .gguf_format import (
     KEY_TASK,
     LAYOUTS,
     LOWRANK_PROJECTIONS,
+    LR_A_SUFFIX,
+    LR_B_SUFFIX,
     lowrank_names,
 )
 from .gguf_tokenizer import add_tokenizer
@@ -264,6 +266,10 @@ def _quantize_options(keep_8bit: tuple[str, ...], n_layer: int) -> list[str]:
             options += ["--token-embedding-type", KEEP_8BIT_TYPE]
         elif item == "output":
             options += ["--output-tensor-type", KEEP_8BIT_TYPE]
+        elif item in KEEP_8BIT_PROJECTIONS:
+            # the dense tensor or its two factors; a fused first factor (attn_qkv, ffn_gate_up) stays as it is
+            suffixes = f"({LR_A_SUFFIX}|{LR_B_SUFFIX})?"
+            options += ["--tensor-type", rf"\.{KEEP_8BIT_PROJECTIONS[item]}{suffixes}\.={KEEP_8BIT_TYPE}"]
         else:
             if int(item) >= n_layer:
                 raise UserError(f"--keep-8bit: layer {item} does not exist (the model has {n_layer})")

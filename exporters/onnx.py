@@ -37,7 +37,7 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
-from . import Exporter, parse_keep_8bit, register
+from . import Exporter, kept_8bit, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
 
 ONNX_FILE = "model.onnx"
@@ -229,8 +229,7 @@ def name_nodes_by_module(proto) -> None:
 
 
 def _kept_node(name: str, keep_8bit: tuple[str, ...]) -> bool:
-    return ("output" in keep_8bit and name.startswith("/lm_head/")) or any(
-        name.startswith(f"/model/layers/{k}/") for k in keep_8bit if str(k).isdigit())
+    return kept_8bit(tuple(name.strip("/").split("/")), keep_8bit)
 
 
 def quantize_matmuls(proto, bits: int, block_size: int, accuracy_level: int, keep_8bit: tuple[str, ...] = ()):

@@ -230,3 +230,20 @@ def test_int4_is_8da4w_with_the_lm_head_at_8_bits_and_passes_its_checks(factoriz
     assert info["bytes"] < exported["int8-info"]["bytes"]
     got = ExecutorchRuntime.open(tmp_path / "int4").logits(positions)
     assert (got.argmax(-1) == torch_logits(factorized, positions).argmax(-1)).mean() >= 0.6
+
+
+def test_int4_keeps_the_lm_head_and_down_proj_at_8_bits_by_default(tiny_llama):
+    """The default int4 mix (KEEP_8BIT_DEFAULT): 8da4w everywhere but the lm_head and each down_proj, and a
+    `--keep-8bit` list replaces it."""
+    from exporters.executorch import quantize_
+
+    def bits(keep):
+        model = load_dense(tiny_llama)
+        quantize_(model, "int4", ExecutorchExportConfig(weights="int4", keep_8bit=keep).keep_8bit)
+        return {name: str(m.weight.target_dtype) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    default = bits(None)
+    assert {name for name, b in default.items() if b == "torch.int8"} == {
+        "lm_head", *(f"model.layers.{i}.mlp.down_proj" for i in range(2))}
+    assert {b for name, b in bits(("1",)).items() if name.startswith("model.layers.1.")} == {"torch.int8"}
+    assert bits(("1",))["model.layers.0.mlp.down_proj"] == "torch.int4"

@@ -349,6 +349,17 @@ def test_4bit_export_quantizes_factors_and_keeps_chosen_tensors_at_8_bits(tiny_r
     assert (_llama_logits(tmp_path / "q4.gguf", ids).argmax(-1) == reference.argmax(-1)).mean() >= 0.5
 
 
+@needs_llama_cpp
+def test_4bit_export_keeps_a_named_projection_at_8_bits_in_every_layer(tiny_rank32, tmp_path):
+    export_gguf(tiny_rank32, tmp_path / "q4.gguf", weights="q4_0", keep_8bit=("down_proj",), progress=False)
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "q4.gguf").tensors}
+    kept = {name for name, t in types.items() if t == "Q8_0" and name.startswith("blk.")}
+    assert kept == {f"blk.{i}.ffn_down{s}.weight" for i in range(2) for s in ("_lr_a", "_lr_b")}, kept
+    assert types["blk.0.attn_output_lr_b.weight"] == "Q4_0" and types["blk.1.ffn_gate_up_lr_a.weight"] == "Q4_0"
+
+
 def test_keep_8bit_is_checked_at_the_edge(tiny_rank32, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     for extra, message in ((["--weights", "q8_0", "--keep-8bit", "embedding"], "--keep-8bit applies"),

@@ -216,6 +216,19 @@ def test_dense_int4_quantizes_to_4_bits_but_keeps_the_lm_head_at_8(tiny_llama, e
     assert (dense4.argmax(-1) == reference.argmax(-1)).mean() >= 0.6
 
 
+def test_int4_keeps_a_named_projection_at_8_bits_in_every_layer(factorized, tmp_path):
+    """`--keep-8bit down_proj` keeps both factors of every down_proj at 8 bits, and only those (and the lm_head)."""
+    info = export_onnx(factorized, tmp_path / "int4", OnnxExportConfig(weights="int4", keep_8bit=("output", "down_proj")),
+                       log=lambda *a: None)
+    assert info["validation"]["ok"]
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
+    kept = {name for name, b in bits.items() if b == 8}
+    assert kept and all("/down_proj/" in name or name.startswith("/lm_head/") for name in kept), kept
+    assert sum("/down_proj/" in name for name in kept) == 2 * 2  # two factors in each of two layers
+    assert {b for name, b in bits.items() if name not in kept} == {4}
+
+
 def test_keep_8bit_only_with_int4(capsys, factorized, tmp_path):
     code = main(["export", "--target", "onnx", str(factorized), "-o", str(tmp_path / "x"), "--keep-8bit", "0"])
     assert code == 2 and "--keep-8bit applies to --weights int4" in capsys.readouterr().err
