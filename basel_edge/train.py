@@ -20,11 +20,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import TokenBlocks
+from .data import IGNORE_INDEX, TokenBlocks
 from .errors import UserError
 
 STATE_FILE = "train_state.pt"
 DEVICES = ("auto", "cpu", "cuda")
+# what training minimises: task cross-entropy, KL from the dense teacher's next-token distribution, or both
+LOSSES = ("ce", "kl", "kl+ce")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,6 +128,47 @@ def batch_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, amp: b
         return model(input_ids=ids, labels=labels, use_cache=False).loss
 
 
+class Objective:
+    """The training loss on one batch: task cross-entropy (`ce`), distillation (`kl`: KL(teacher ‖ model) of the
+    next-token distributions, Minitron's logit-only distillation), or their sum (`kl+ce`), all averaged over the
+    positions the labels score. The teacher (the dense model) is frozen and runs without gradients."""
+
+    def __init__(self, loss: str = "ce", teacher: nn.Module | None = None) -> None:
+        if loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if loss != "ce" and teacher is None:
+            raise UserError(f"--loss {loss} distils from the dense model, and none was given")
+        self.loss = loss
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and loss != "ce" else None
+
+    def to(self, device: torch.device) -> "Objective":
+        if self.teacher is not None:
+            self.teacher.to(device)
+        return self
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse a teacher whose vocabulary is not the model's (its distribution would be over other tokens)."""
+        if self.teacher is not None:
+            theirs, ours = self.teacher.get_output_embeddings().out_features, model.get_output_embeddings().out_features
+            if theirs != ours:
+                raise UserError(f"the teacher predicts {theirs} tokens and the model {ours}; distil from the dense "
+                                "model this one was compressed from")
+
+    def __call__(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, amp: bool) -> torch.Tensor:
+        if self.teacher is None:
+            return batch_loss(model, ids, labels, amp)
+        device = ids.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            with torch.no_grad():
+                target = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            out = model(input_ids=ids, labels=labels if self.loss == "kl+ce" else None, use_cache=False)
+        scored = labels[:, 1:] != IGNORE_INDEX
+        student = torch.log_softmax(out.logits[:, :-1].float()[scored], dim=-1)
+        teacher = torch.log_softmax(target[scored], dim=-1)
+        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return kl + out.loss if self.loss == "kl+ce" else kl
+
+
 def train_loop(
     model: nn.Module,
     param_groups: list[dict],
@@ -137,12 +180,17 @@ def train_loop(
     on_step: Callable[[int, float], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    objective: Objective | None = None,
 ) -> LoopResult:
-    """AdamW over `param_groups` for `cfg.steps` steps on `blocks`, resumable from `cfg.checkpoint_dir`.
+    """AdamW over `param_groups` for `cfg.steps` steps on `blocks` minimising `objective` (cross-entropy by
+    default), resumable from `cfg.checkpoint_dir`.
 
     `before_step(s)` runs before step s (pruning events); `extra_state` saves/restores what it changes.
     """
     device = next(model.parameters()).device
+    objective = objective or Objective()
+    objective.check(model)
+    objective.to(device)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     start = 0
@@ -169,7 +217,7 @@ def train_loop(
             rows = step_rows(len(blocks), step, cfg.batch_size, cfg.seed)
             ids = blocks.input_ids[rows].to(device)
             labels = blocks.labels[rows].to(device)
-            loss = batch_loss(model, ids, labels, cfg.amp)
+            loss = objective(model, ids, labels, cfg.amp)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

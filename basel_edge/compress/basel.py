@@ -46,7 +46,7 @@ from ..lowrank import (
     svd_factors,
 )
 from ..ranks import ALLOCATIONS, Budget, MatrixScores, allocate, uniform_ranks
-from ..train import LoopConfig, batch_loss, fingerprint, loop_settings, step_generator, step_rows, train_loop
+from ..train import LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
 from .registry import METHODS, register
@@ -88,6 +88,8 @@ class BaselConfig:
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
     basis_dtype: str = "auto"
+    # what part 1, the BSI importances and part 2 minimise (train.LOSSES): kl and kl+ce distil from the dense model
+    loss: str = "ce"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -127,6 +129,8 @@ class BaselConfig:
             raise UserError("finetune steps must be non-negative")
         if self.basis_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"basis dtype must be auto, float32 or bfloat16, got {self.basis_dtype}")
+        if self.loss not in LOSSES:
+            raise UserError(f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
 
     @property
     def tau(self) -> float:
@@ -266,9 +270,11 @@ def bsi_importance(
     generator: torch.Generator,
     amp: bool = True,
     first_order: bool = True,
+    objective: Objective | None = None,
 ) -> dict[str, torch.Tensor]:
     """ΔL_i ≈ -g_i c_i + ½ H_ii c_i² per basis from `probes` symmetric Hutchinson probes on one batch
-    (without `first_order`, ½ H_ii c_i² alone)."""
+    (without `first_order`, ½ H_ii c_i² alone), L the training `objective` (cross-entropy by default)."""
+    objective = objective or Objective()
     device = next(model.parameters()).device
     ids, labels = blocks.input_ids[rows].to(device), blocks.labels[rows].to(device)
     base = {n: m.w.detach().square().float() for n, m in layers.items()}
@@ -286,7 +292,7 @@ def bsi_importance(
                 for n, m in layers.items():
                     leaves[n] = base[n].clone().requires_grad_(True)
                     m.probe = (leaves[n], sign * scale[n] * z[n])
-                loss = batch_loss(model, ids, labels, amp)
+                loss = objective(model, ids, labels, amp)
                 loss.backward()
                 grads.append({n: leaves[n].grad.detach() for n in layers})
             for n in layers:
@@ -307,10 +313,12 @@ def fisher_importance(
     batches: list[torch.Tensor],
     amp: bool = True,
     first_order: bool = True,
+    objective: Objective | None = None,
 ) -> dict[str, torch.Tensor]:
     """ΔL_i ≈ -g_i c_i + ½ H_ii c_i² per basis, g the mean gradient over `batches` and H_ii the empirical Fisher
-    N Σ_t (∂L/∂c_i at position t)² (the loss is a mean over N positions, so each position's own gradient is
-    N times its share)."""
+    N Σ_t (∂L/∂c_i at position t)² (the loss, the training `objective`, is a mean over N positions, so each
+    position's own gradient is N times its share)."""
+    objective = objective or Objective()
     device = next(model.parameters()).device
     g_sum = {n: torch.zeros_like(m.w, dtype=torch.float32) for n, m in layers.items()}
     h_sum = {n: torch.zeros_like(m.w, dtype=torch.float32) for n, m in layers.items()}
@@ -322,7 +330,7 @@ def fisher_importance(
             positions = int((labels[:, 1:] != -100).sum())
             for m in layers.values():
                 m.fisher = torch.zeros_like(m.w, dtype=torch.float32)
-            loss = batch_loss(model, ids, labels, amp)
+            loss = objective(model, ids, labels, amp)
             grads = torch.autograd.grad(loss, [m.w for m in layers.values()])
             for (n, m), gw in zip(layers.items(), grads):
                 g_sum[n] += gw.float() / (2.0 * m.w.detach().float()).where(m.w.detach() != 0, torch.ones_like(gw))
@@ -512,8 +520,10 @@ class Pruner:
     """Runs the pruning events of a BaselConfig on the model's BaselLinear layers; its masks are the state
     a checkpoint saves."""
 
-    def __init__(self, model: nn.Module, cfg: BaselConfig, blocks: TokenBlocks, loop: LoopConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: BaselConfig, blocks: TokenBlocks, loop: LoopConfig,
+                 objective: Objective | None = None) -> None:
         self.model, self.cfg, self.blocks, self.loop = model, cfg, blocks, loop
+        self.objective = objective
         self.layers = basel_layers(model)
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
         self.events = cfg.event_steps()
@@ -530,11 +540,11 @@ class Pruner:
             batches = [step_rows(len(self.blocks), step * probes + k, self.loop.batch_size, self.loop.seed + 1)
                        for k in range(probes)]
             return fisher_importance(self.model, self.layers, self.blocks, batches, self.loop.amp,
-                                     self.cfg.bsi_first_order)
+                                     self.cfg.bsi_first_order, self.objective)
         rows = step_rows(len(self.blocks), step, self.loop.batch_size, self.loop.seed + 1)
         gen = step_generator(self.loop.seed, step, salt=1)
         return bsi_importance(self.model, self.layers, self.blocks, rows, self.cfg.bsi_probes, self.cfg.bsi_eps, gen,
-                              self.loop.amp, self.cfg.bsi_first_order)
+                              self.loop.amp, self.cfg.bsi_first_order, self.objective)
 
     def __call__(self, step: int) -> None:
         if step not in self.events:
@@ -577,8 +587,10 @@ def run_basel(
     calibration: TokenBlocks | None = None,
     progress: bool = True,
     on_step=None,
+    teacher: nn.Module | None = None,
 ) -> BaselResult:
-    """Part 1 (and part 2 when cfg.finetune_steps > 0) on `model` in place; it ends with LowRankLinear layers."""
+    """Part 1 (and part 2 when cfg.finetune_steps > 0) on `model` in place; it ends with LowRankLinear layers.
+    `teacher`, the dense model, is needed when `cfg.loss` distils."""
     from ..train import resolve_device
 
     if loop.steps != cfg.steps:
@@ -600,7 +612,8 @@ def run_basel(
                 f"keep {cfg.keep} is too small: rank {cfg.rank_multiple} plus the {cfg.r_add} new bases in every "
                 f"matrix keep {least:.3f} of the decoder-linear parameters; raise --keep or lower --r-add"
             )
-    pruner = Pruner(model, cfg, blocks, loop)
+    objective = Objective(cfg.loss, teacher).to(device)
+    pruner = Pruner(model, cfg, blocks, loop, objective)
     lr_add = cfg.lr_add if cfg.lr_add is not None else cfg.lr
     groups = [
         {"params": [m.w for m in layers.values()], "lr": cfg.lr},
@@ -610,7 +623,7 @@ def run_basel(
     result = train_loop(
         model, groups, blocks, loop, fingerprint(settings), before_step=pruner,
         extra_state=(pruner.state, pruner.load), on_step=on_step, desc=f"{cfg.importance == 'bsi' and 'bsi' or 'basel'} part 1",
-        progress=progress,
+        progress=progress, objective=objective,
     )
     model.to("cpu")
     ranks = refactor(model, cfg.r_add, cfg.rank_multiple)
@@ -618,14 +631,18 @@ def run_basel(
                       resumed_from=result.resumed_from, last_loss=result.last_loss)
     if cfg.finetune_steps:
         ft_loop = LoopConfig(**{**asdict(loop), "steps": cfg.finetune_steps, "resume": False, "checkpoint_every": 0})
-        ft = finetune(model, blocks, ft_loop, cfg.finetune_lr, progress=progress)
+        ft = finetune(model, blocks, ft_loop, cfg.finetune_lr, progress=progress, objective=objective)
         out.finetune_tokens = ft.train_tokens
         out.last_loss = ft.last_loss
+    objective.to("cpu")
     return out
 
 
-def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float, progress: bool = True, on_step=None):
-    """Part 2: train both factors of every LowRankLinear on the task (everything else frozen)."""
+def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float, progress: bool = True, on_step=None,
+             objective: Objective | None = None):
+    """Part 2: train both factors of every LowRankLinear on the task (everything else frozen), minimising
+    `objective` (cross-entropy by default)."""
+    objective = objective or Objective()
     from ..train import resolve_device
 
     device = resolve_device(loop.device)
@@ -637,12 +654,14 @@ def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float,
     for p in factors:
         p.requires_grad_(True)
     model.to(device)
-    settings = {"finetune": lr, "loop": loop_settings(loop), "rows": len(blocks), "seq": blocks.input_ids.shape[1]}
+    settings = {"finetune": lr, "loop": loop_settings(loop), "rows": len(blocks), "seq": blocks.input_ids.shape[1],
+                **({"loss": objective.loss} if objective.loss != "ce" else {})}
     try:
         return train_loop(model, [{"params": factors, "lr": lr}], blocks, loop, fingerprint(settings),
-                          on_step=on_step, desc="fine-tune", progress=progress)
+                          on_step=on_step, desc="fine-tune", progress=progress, objective=objective)
     finally:
         model.to("cpu")
+        objective.to("cpu")
         for p in factors:
             p.requires_grad_(False)
 

@@ -29,6 +29,14 @@ DEFAULT_STEPS = 160
 DEFAULT_TRAIN_SEQ_LEN = 256
 DEFAULT_TRAIN_BATCH = 2
 DEFAULT_CHECKPOINT_EVERY = 10
+LOSS_HELP = ("what training minimises: ce (task cross-entropy), kl (distillation: KL from the dense model's "
+             "next-token distribution) or kl+ce (their sum)")
+
+
+def _add_loss_argument(p: argparse.ArgumentParser) -> None:
+    from ..train import LOSSES
+
+    p.add_argument("--loss", choices=LOSSES, default="ce", help=LOSS_HELP + " (default ce)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +69,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "worse, README)")
     g.add_argument("--finetune-steps", type=int, default=0, help="part 2: fine-tune both factors afterwards")
     g.add_argument("--finetune-lr", type=_positive_float, default=1e-4)
+    _add_loss_argument(g)
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
@@ -96,6 +105,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
         prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
         bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
+        loss=args.loss,
     )
     ckpt_dir = default_checkpoint_dir(args.output)
     loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
@@ -118,7 +128,8 @@ def run_compress(args: argparse.Namespace, method) -> int:
     calib = None
     if METHODS[cfg.basis].needs:
         calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens)
-    result = run_basel(model, blocks, cfg, loop, calibration=calib, progress=not args.quiet)
+    teacher = load_dense(ref.path) if cfg.loss != "ce" else None
+    result = run_basel(model, blocks, cfg, loop, calibration=calib, progress=not args.quiet, teacher=teacher)
     seconds = round(time.perf_counter() - start, 1)
     extra = {
         "keep": args.keep if cfg.mode == "budget" else None,
@@ -158,25 +169,36 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..atomic import check_output_dir
     from ..checkpoint import load_factorized, read_dimension_file, save_factorized
     from ..data import load_task
-    from ..models import load_tokenizer, resolve_model
-    from ..train import LoopConfig, peak_rss_mib
+    from ..models import load_dense, load_tokenizer, resolve_model
+    from ..train import LoopConfig, Objective, peak_rss_mib
     from .basel import finetune
 
     ref = resolve_model(args.model)
     if not ref.factorized:
         raise UserError(f"{ref.path} is not a factorized checkpoint; `basel-edge compress` a model first")
+    dims = read_dimension_file(ref.path)
+    teacher_ref = None
+    if args.loss != "ce":
+        source = args.teacher or dims.extra.get("source_model")
+        if not source:
+            raise UserError(f"--loss {args.loss} distils from the dense model, and {ref.path} does not record it; "
+                            "give --teacher DENSE_MODEL")
+        teacher_ref = resolve_model(source)
+        if teacher_ref.factorized:
+            raise UserError(f"--teacher {source} is factorized; give the dense model it was compressed from")
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
                       grad_checkpointing=args.grad_checkpointing)
     check_output_dir(args.output, args.overwrite)
     torch.set_num_threads(args.threads or 1)
-    dims = read_dimension_file(ref.path)
     task = load_task(args.task, args.data, seed=args.seed)
     start = time.perf_counter()
     blocks = _train_blocks(task, load_tokenizer(ref.path), args.seq_len,
                            args.train_tokens or args.steps * args.batch_size * args.seq_len)
     model = load_factorized(ref.path)
-    result = finetune(model, blocks, loop, args.lr, progress=not args.quiet)
+    objective = Objective(args.loss, load_dense(teacher_ref.path) if teacher_ref else None)
+    result = finetune(model, blocks, loop, args.lr, progress=not args.quiet, objective=objective)
     extra = {**dims.extra, "finetune": {"steps": args.steps, "lr": args.lr, "tokens": result.train_tokens,
+                                        "loss": args.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
                                         "task": task.name, "final_loss": result.last_loss,
                                         "seconds": round(time.perf_counter() - start, 1),
                                         "peak_rss_mib": round(peak_rss_mib(), 1)}}
@@ -197,6 +219,9 @@ def add_finetune_parser(sub, add_data_args) -> None:
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH)
     p.add_argument("--train-tokens", type=int, default=None)
+    _add_loss_argument(p)
+    p.add_argument("--teacher", help="the dense model that --loss kl distils from (default: the one the checkpoint "
+                                     "was compressed from)")
     p.add_argument("--device", default="auto")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--threads", type=int)
