@@ -39,6 +39,17 @@ def _keep(value: str) -> float:
     return keep
 
 
+def _unit_float(value: str) -> float:
+    """argparse type: a number in [0, 1] (NaN refused)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{value}'") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return x
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -73,7 +84,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from .atomic import check_output_dir
     from .checkpoint import save_factorized
-    from .compress import compress, get_method
+    from .compress import ErrorAwareConfig, compress, get_method
     from .data import load_task, pack
     from .models import load_dense, load_tokenizer, resolve_model
     from .ranks import Budget
@@ -98,14 +109,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if ref.factorized:
         raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
     task = load_task(args.task, args.data, seed=args.seed)
-    if method.needs and not task.train:
+    error_aware = ErrorAwareConfig(args.ls_correction, args.batch_size) if args.error_aware else None
+    if (method.needs or error_aware) and not task.train:
         raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration")
     start = time.perf_counter()
     tokenizer = load_tokenizer(ref.path)
     model = load_dense(ref.path)
-    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if method.needs else None
-    compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size)
+    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if method.needs or error_aware else None
+    compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size,
+             error_aware=error_aware)
     extra = {
+        **({"error_aware": {"ls_correction": args.ls_correction}} if error_aware else {}),
         "keep": args.keep if ranks is None else None,
         "allocation": args.allocation if ranks is None else "explicit",
         "calibration_tokens": int(calib.input_ids.numel()) if calib is not None else 0,
@@ -349,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
     p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)
+    p.add_argument("--error-aware", action=argparse.BooleanOptionalAction, default=False,
+                   help="SVD-family methods: fit each layer's factors, in order, to the dense outputs from the "
+                        "already-compressed model's inputs (README \"Error-aware truncation\")")
+    p.add_argument("--ls-correction", type=_unit_float, default=1.0,
+                   help="--error-aware: blend of the least-squares target, 0 (re-weight only) .. 1 (full fit)")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("-o", "--output", type=Path, required=True)

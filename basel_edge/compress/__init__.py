@@ -15,6 +15,7 @@ from ..ranks import Budget, MatrixScores, allocate, params_for
 from . import asvd, basel, fwsvd, svd, svd_llm  # noqa: F401  (register the methods)
 from .base import Decomposition, Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
+from .error_aware import ErrorAwareConfig, refit_sequential
 from .registry import METHODS, get_method, register
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "CalibrationStats",
     "CompressionResult",
     "Decomposition",
+    "ErrorAwareConfig",
     "Method",
     "Weighting",
     "apply_ranks",
@@ -78,11 +80,16 @@ def compress(
     calibration: TokenBlocks | None = None,
     progress: bool = True,
     batch_size: int = 4,
+    error_aware: ErrorAwareConfig | None = None,
 ) -> CompressionResult:
-    """Factorize the decoder linears of `model` in place with an SVD-family method under `budget`."""
+    """Factorize the decoder linears of `model` in place with an SVD-family method under `budget`; with
+    `error_aware`, the ranks are allocated as without it and the factors refitted layer by layer
+    (error_aware.py)."""
     m = get_method(method) if isinstance(method, str) else method
     if getattr(m, "trainable", False):
         raise UserError(f"'{m.name}' trains on the task; use basel_edge.compress.basel.run_basel")
+    if error_aware is not None and (calibration is None or len(calibration) == 0):
+        raise UserError("error-aware truncation runs the calibration data through the model; give calibration data")
     linears = decoder_linears(model)
     stats = collect(model, calibration, m.needs, batch_size=batch_size, progress=progress)
     decomps = decompose_model(model, m, stats, progress=progress)
@@ -90,6 +97,10 @@ def compress(
         name: MatrixScores(mod.in_features, mod.out_features, decomps[name].scores) for name, mod in linears.items()
     }
     ranks = allocate(budget, matrices)
-    apply_ranks(model, decomps, ranks)
+    if error_aware is None:
+        apply_ranks(model, decomps, ranks)
+    else:
+        del decomps
+        refit_sequential(model, m, ranks, calibration, stats, error_aware, progress=progress)
     dense = sum(x.dense_params for x in matrices.values())
     return CompressionResult(ranks=ranks, params={"dense": dense, "factorized": params_for(ranks, matrices)}, method=m.name)
