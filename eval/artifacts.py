@@ -3,11 +3,10 @@ checkpoint holds the same weights (the reference for export fidelity)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from basel_edge.errors import UserError
+from basel_edge.errors import UserError, read_json
 
 EXPORT_INFO_FILE = "basel-export.json"
 ENGINE_BY_KIND = {"torch": "torch", "onnx": "onnxruntime", "gguf": "llama_cpp", "pte": "executorch"}
@@ -50,7 +49,9 @@ def traits(artifact: Artifact) -> dict:
     info = artifact.path / EXPORT_INFO_FILE if artifact.path.is_dir() else None
     if info is None or not info.is_file():
         return {"factorized": None, "weights": "unknown"}
-    data = json.loads(info.read_text())
+    data = read_json(info, f"{info} is missing")
+    if not isinstance(data, dict):
+        raise UserError(f"{info} is not an export record (a JSON object); export the artifact again")
     return {"factorized": bool(data.get("factorized_linears")), "weights": (data.get("scheme") or {}).get("weights", "unknown")}
 
 
@@ -75,8 +76,9 @@ def _recorded_source(path: Path) -> Path | None:
     """The source checkpoint an exporter recorded in basel-export.json (inside a folder or beside a file)."""
     info = path / EXPORT_INFO_FILE if path.is_dir() else path.with_name(path.name + "." + EXPORT_INFO_FILE)
     if info.is_file():
-        source = json.loads(info.read_text()).get("source")
-        if source and Path(source).is_dir():
+        data = read_json(info, f"{info} is missing")
+        source = data.get("source") if isinstance(data, dict) else None
+        if isinstance(source, str) and Path(source).is_dir():
             return Path(source)
     return None
 
@@ -84,12 +86,17 @@ def _recorded_source(path: Path) -> Path | None:
 def parse_artifact(spec: str) -> Artifact:
     """`PATH` or `PATH@SOURCE_DIR` (SOURCE_DIR: the torch checkpoint with the same weights)."""
     path_text, _, source_text = spec.partition("@")
-    path = Path(path_text).expanduser()
+    # absolute: the measuring workers run from the repository root, not the caller's folder
+    path = Path(path_text).expanduser().absolute()
     if not path.exists():
         raise UserError(f"artifact {path} does not exist")
     kind = _kind(path)
+    if kind == "gguf":
+        from exporters.gguf_format import read_summary
+
+        read_summary(path)  # a truncated or foreign file is refused here, before any measurement
     if source_text:
-        source = Path(source_text).expanduser()
+        source = Path(source_text).expanduser().absolute()
         if not source.is_dir():
             raise UserError(f"source checkpoint {source} (after '@' in {spec}) is not a folder")
     elif kind == "torch":

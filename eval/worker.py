@@ -72,12 +72,15 @@ def measure(spec: dict) -> dict:
 
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    from basel_edge.errors import UserError
     from runtimes import Unavailable
 
     try:
         result = {"status": "ok", **measure(spec)}
     except Unavailable as exc:
         result = {"status": "skipped", "reason": str(exc)}
+    except UserError as exc:  # a bad artifact the engine refused in words: its line, not a traceback
+        result = {"status": "failed", "error": str(exc)}
     Path(sys.argv[2]).write_text(json.dumps(result))
     return 0
 

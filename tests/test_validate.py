@@ -75,6 +75,8 @@ def test_broken_artifact_is_a_failed_row_and_others_still_run(report):
     rows = {(r["artifact"], r["backend"]): r for r in report[0]["rows"]}
     broken = rows[("broken", "cpu")]
     assert broken["status"] == "failed" and "safetensors" in broken["error"]
+    # the refusal's own line, not a traceback's last line with the exception class
+    assert "\n" not in broken["error"] and "Error:" not in broken["error"] and "(exit" not in broken["error"]
     assert rows[("fact", "cpu")]["status"] == "ok"
     assert rows[("fact", "mobile")]["status"] == "skipped" and "mobile" in rows[("fact", "mobile")]["reason"]
 
@@ -130,6 +132,27 @@ def test_validate_cli_exits_zero_with_a_failed_row_and_rejects_bad_backend(capsy
     code = main(["validate", "--baseline", str(tiny_llama), str(artifacts / "fact"), "--backends", "cpu,phone", "-o", str(tmp_path / "r2")])
     assert code == 2 and "phone" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("name,content", [("cut.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 40),
+                                          ("foreign.gguf", b"not a gguf at all")])
+def test_a_damaged_gguf_is_refused_before_any_work(capsys, tiny_llama, tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    code = main(["validate", "--baseline", str(tiny_llama), str(tmp_path / name), "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and name in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_relative_paths_are_the_callers(capsys, tiny_llama, tiny_text_data, artifacts, tmp_path, monkeypatch):
+    """The workers run from the repository root; artifact paths relative to the caller's folder still work."""
+    monkeypatch.chdir(artifacts)
+    code = main(["validate", "--baseline", str(tiny_llama), "fact", "--data", str(tiny_text_data), "--seq-len", "32",
+                 "--eval-tokens", "64", "--new-tokens", "4", "--reps", "1", "--threads", "1", "--backends", "cpu",
+                 "-o", str(tmp_path / "r"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    assert [r["status"] for r in rows if r["artifact"] == "fact"] == ["ok"], rows
 
 
 def test_peak_rss_is_the_workers_own(report):
