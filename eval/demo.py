@@ -44,6 +44,10 @@ class DemoConfig:
             raise UserError(f"--keep must be in (0, 1], got {self.keep}")
         if self.threads <= 0:
             raise UserError(f"--threads must be positive, got {self.threads}")
+        if self.method is not None:
+            from basel_edge.compress import get_method
+
+            get_method(self.method)  # an unknown name is refused here, before the model is materialised
 
     def chosen_method(self) -> str:
         return self.method or "svd-llm"
