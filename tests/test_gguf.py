@@ -360,6 +360,41 @@ def test_4bit_export_keeps_a_named_projection_at_8_bits_in_every_layer(tiny_rank
     assert types["blk.0.attn_output_lr_b.weight"] == "Q4_0" and types["blk.1.ffn_gate_up_lr_a.weight"] == "Q4_0"
 
 
+_INTERRUPTED_EXPORT = """
+import os, signal, sys
+import gguf
+from basel_edge.cli import main
+original = gguf.GGUFWriter.write_tensors_to_file
+def interrupted(self, *args, **kwargs):
+    original(self, *args, **kwargs)  # the partial file holds every tensor now
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+gguf.GGUFWriter.write_tensors_to_file = interrupted
+sys.exit(main(["export", "--target", "gguf", sys.argv[2], "-o", sys.argv[3], "--quiet"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_an_interrupted_gguf_write_leaves_nothing_or_is_cleaned_by_the_next_run(tiny_rank32, tmp_path, sig):
+    """SIGTERM during the write: the CLI removes its partial file, one line, exit 143. kill -9 cannot be
+    handled: the partial file stays, and the next export to the same path removes it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_EXPORT, sig, str(tiny_rank32), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    partials = list(tmp_path.glob(".m.gguf.partial-*"))
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == "basel-edge: terminated (SIGTERM)"
+        assert "Traceback" not in proc.stderr and not partials
+    else:
+        assert proc.returncode == -9 and len(partials) == 1 and partials[0].stat().st_size > 0
+    assert not out.exists()
+    assert main(["export", "--target", "gguf", str(tiny_rank32), "-o", str(out), "--quiet"]) == 0
+    assert out.is_file() and not list(tmp_path.glob(".m.gguf.partial-*"))
+
+
 def test_keep_8bit_is_checked_at_the_edge(tiny_rank32, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     for extra, message in ((["--weights", "q8_0", "--keep-8bit", "embedding"], "--keep-8bit applies"),
