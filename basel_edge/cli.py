@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALLOCATIONS,
         default="uniform",
         help="rank allocation of SVD-family methods and of basel/bsi --prune-mode budget: uniform (measured best "
-        "at keep <= 0.6, eval/results/baselines.md) or global",
+        "at keep <= 0.6, eval/results/baselines.md), global (each matrix's share of its energy) or, SVD-family "
+        "only, loss (truncation errors weighted by each output's loss gradient)",
     )
     p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
     p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)

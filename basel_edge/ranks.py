@@ -11,7 +11,9 @@ import torch
 from .errors import UserError
 from .lowrank import DEFAULT_RANK_MULTIPLE, check_rank, max_useful_rank, round_rank
 
-ALLOCATIONS = ("global", "uniform")
+# uniform: the same fraction everywhere; global: greedy over each matrix's share of its own importance; loss:
+# greedy over the importances as given (the caller scales them into estimated loss increases)
+ALLOCATIONS = ("global", "uniform", "loss")
 
 
 @dataclass
@@ -101,12 +103,14 @@ def uniform_ranks(keep: float, matrices: dict[str, MatrixScores], multiple: int)
     return out
 
 
-def global_ranks(keep: float, matrices: dict[str, MatrixScores], multiple: int) -> dict[str, int | None]:
+def global_ranks(keep: float, matrices: dict[str, MatrixScores], multiple: int,
+                 normalise: bool = True) -> dict[str, int | None]:
     """Greedy global allocation: repeatedly grant the block of `multiple` bases (or the step to dense) with
     the largest share of its matrix's importance per parameter, while the budget allows.
 
-    Importances are normalised per matrix (fraction of its total), so matrices of different scale compete
-    fairly. Every factorizable matrix gets at least one block; one too small to factorize stays dense.
+    With `normalise`, importances are fractions of their matrix's total, so matrices of different scale
+    compete evenly; without it they compete as given (estimated loss increases, `--allocation loss`). Every
+    factorizable matrix gets at least one block; one too small to factorize stays dense.
     """
     budget = keep * sum(m.dense_params for m in matrices.values())
     ranks: dict[str, int | None] = {}
@@ -119,7 +123,7 @@ def global_ranks(keep: float, matrices: dict[str, MatrixScores], multiple: int) 
             spent += m.dense_params
             continue
         s = m.scores.double().clamp_min(0)
-        total = float(s.sum()) or 1.0
+        total = (float(s.sum()) or 1.0) if normalise else 1.0
         padded = torch.zeros(max(limit, s.numel()), dtype=torch.float64)
         padded[: s.numel()] = s / total
         fractions[name] = padded
@@ -168,4 +172,4 @@ def allocate(budget: Budget, matrices: dict[str, MatrixScores]) -> dict[str, int
     assert budget.keep is not None
     if budget.allocation == "uniform":
         return uniform_ranks(budget.keep, matrices, budget.rank_multiple)
-    return global_ranks(budget.keep, matrices, budget.rank_multiple)
+    return global_ranks(budget.keep, matrices, budget.rank_multiple, normalise=budget.allocation == "global")

@@ -33,7 +33,7 @@ def _stored(model):
 
 
 @pytest.mark.parametrize("method", BASELINES)
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "loss"])
 @pytest.mark.parametrize("keep", [0.8, 0.5])
 def test_baselines_hit_parameter_budget(tiny_llama, calib, method, allocation, keep):
     model = load_dense(tiny_llama)
@@ -45,7 +45,7 @@ def test_baselines_hit_parameter_budget(tiny_llama, calib, method, allocation, k
     assert stored == result.params["factorized"]
     slack = sum(multiple * (m.in_features + m.out_features) for m in linears.values())
     assert abs(stored - keep * dense) <= slack
-    if allocation == "global":
+    if allocation != "uniform":
         assert stored <= keep * dense
     for name, module in decoder_linears(model).items():
         if isinstance(module, LowRankLinear):
@@ -62,6 +62,24 @@ def test_global_allocation_prefers_important_matrices():
     matrices = {"flat": MatrixScores(64, 64, flat), "steep": MatrixScores(64, 64, steep)}
     ranks = allocate(Budget(keep=0.5, rank_multiple=8), matrices)
     assert ranks["steep"] == 8 and ranks["flat"] > 8
+
+
+def test_loss_allocation_compares_importances_across_matrices_as_given():
+    """global normalises each matrix to its own total, so two matrices with the same shape of spectrum get the
+    same rank whatever their scale; loss (scores already scaled to loss increases) gives the costlier one more."""
+    shape = torch.linspace(1.0, 0.01, 64)
+    matrices = {"cheap": MatrixScores(64, 64, shape), "costly": MatrixScores(64, 64, 50 * shape)}
+    balanced = allocate(Budget(keep=0.5, rank_multiple=8, allocation="global"), matrices)
+    assert balanced["cheap"] == balanced["costly"]
+    ranks = allocate(Budget(keep=0.5, rank_multiple=8, allocation="loss"), matrices)
+    assert ranks["costly"] > ranks["cheap"] >= 8
+
+
+def test_output_gradients_are_collected_for_every_linear(tiny_llama, calib):
+    model = load_dense(tiny_llama)
+    stats = collect(model, calib, frozenset({"outgrad"}), progress=False)
+    assert set(stats.outgrad) == set(decoder_linears(model)) and all(v > 0 for v in stats.outgrad.values())
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in load_dense(tiny_llama).parameters()]
 
 
 def test_keep_too_small_is_a_user_error():

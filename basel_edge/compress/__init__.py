@@ -91,10 +91,18 @@ def compress(
     if error_aware is not None and (calibration is None or len(calibration) == 0):
         raise UserError("error-aware truncation runs the calibration data through the model; give calibration data")
     linears = decoder_linears(model)
-    stats = collect(model, calibration, m.needs, batch_size=batch_size, progress=progress)
+    loss_aware = budget.keep is not None and budget.allocation == "loss"
+    if loss_aware and (calibration is None or len(calibration) == 0):
+        raise UserError("--allocation loss weighs each matrix by the loss gradient on calibration data; give some")
+    stats = collect(model, calibration, m.needs | ({"outgrad"} if loss_aware else set()), batch_size=batch_size,
+                    progress=progress)
     decomps = decompose_model(model, m, stats, progress=progress)
+    # loss: a basis's σ² is the squared output error it carries (exact for svd-llm's whitening), and the mean
+    # squared loss gradient of that output turns it into an estimated loss increase (diagonal, isotropic model)
     matrices = {
-        name: MatrixScores(mod.in_features, mod.out_features, decomps[name].scores) for name, mod in linears.items()
+        name: MatrixScores(mod.in_features, mod.out_features,
+                           decomps[name].scores * stats.outgrad[name] if loss_aware else decomps[name].scores)
+        for name, mod in linears.items()
     }
     ranks = allocate(budget, matrices)
     if error_aware is None:

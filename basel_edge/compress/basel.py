@@ -100,6 +100,9 @@ class BaselConfig:
             raise UserError(f"unknown prune mode '{self.mode}'; choose one of {', '.join(PRUNE_MODES)}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown allocation '{self.allocation}'; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "loss":
+            raise UserError("--allocation loss is for the SVD-family methods; basel and bsi prune by their own "
+                            "importances (bsi's is a loss increase already): use uniform or global")
         if self.importance not in IMPORTANCES:
             raise UserError(f"unknown importance '{self.importance}'; choose one of {', '.join(IMPORTANCES)}")
         if self.basis not in METHODS or getattr(METHODS[self.basis], "trainable", False):

@@ -2,7 +2,9 @@
 
 - `xtx`: XᵀX of each linear's input (SVD-LLM whitening), accumulated in float64;
 - `absmean`: mean |x| per input channel (ASVD activation scaling);
-- `fisher`: per output row, the sum of squared loss gradients of the weight (FWSVD).
+- `fisher`: per output row, the sum of squared loss gradients of the weight (FWSVD);
+- `outgrad`: the mean squared loss gradient of each linear's output, over tokens and channels: how much an
+  output error there costs (`--allocation loss` scales each matrix's truncation errors by it).
 Projections that read the same tensor (q/k/v, gate/up) share one input statistic.
 """
 
@@ -18,7 +20,7 @@ from ..data import TokenBlocks
 from ..families import ModelFamily, family_of
 from ..lowrank import decoder_linears
 
-STATISTICS = ("xtx", "absmean", "fisher")
+STATISTICS = ("xtx", "absmean", "fisher", "outgrad")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class CalibrationStats:
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
     absmean: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    outgrad: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
 
     def input_xtx(self, name: str) -> torch.Tensor:
@@ -73,13 +76,24 @@ def collect(
                     stats.absmean[_name] = stats.absmean[_name] + a if _name in stats.absmean else a
 
             hooks.append(module.register_forward_pre_hook(hook))
-    want_grad = "fisher" in needs
+    want_grad = bool({"fisher", "outgrad"} & needs)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    if want_grad:
+    if "fisher" in needs:
         for module in linears.values():
             module.weight.requires_grad_(True)
+    elif want_grad:
+        model.get_input_embeddings().weight.requires_grad_(True)  # so every linear's output has a gradient
+    if "outgrad" in needs:
+        for name, module in linears.items():
+            def out_hook(mod, args, output, _name=name):
+                def grad_hook(grad):
+                    g = float(grad.detach().double().square().sum())
+                    stats.outgrad[_name] = stats.outgrad.get(_name, 0.0) + g / grad.shape[-1]
+                output.register_hook(grad_hook)
+
+            hooks.append(module.register_forward_hook(out_hook))
     device = next(model.parameters()).device
     try:
         starts = range(0, len(blocks), batch_size)
@@ -90,7 +104,7 @@ def collect(
             if want_grad:
                 out = model(input_ids=ids, labels=labels, use_cache=False)
                 out.loss.backward()
-                for name, module in linears.items():
+                for name, module in linears.items() if "fisher" in needs else ():
                     g = module.weight.grad.detach().double().pow(2).sum(1)
                     stats.fisher[name] = stats.fisher[name] + g if name in stats.fisher else g
                     module.weight.grad = None
@@ -104,4 +118,6 @@ def collect(
             p.requires_grad_(saved_flags[n])
     for key in stats.absmean:
         stats.absmean[key] = stats.absmean[key] / max(stats.tokens, 1)
+    for key in stats.outgrad:
+        stats.outgrad[key] = stats.outgrad[key] / max(stats.tokens, 1)
     return stats
