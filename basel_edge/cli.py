@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress.basel_cli import add_finetune_parser, add_train_arguments
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
-    from .ranks import ALLOCATIONS
+    from .ranks import ALLOCATIONS, DEFAULT_ALLOCATION
 
     parser = _Parser(prog="basel-edge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"basel-edge {__version__}")
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
-        default="uniform",
+        default=DEFAULT_ALLOCATION,
         help="rank allocation of SVD-family methods and of basel/bsi --prune-mode budget: uniform (measured best "
         "at keep <= 0.6, eval/results/baselines.md), global (each matrix's share of its energy) or, SVD-family "
         "only, loss (truncation errors weighted by each output's loss gradient)",

@@ -14,6 +14,8 @@ from .lowrank import DEFAULT_RANK_MULTIPLE, check_rank, max_useful_rank, round_r
 # uniform: the same fraction everywhere; global: greedy over each matrix's share of its own importance; loss:
 # greedy over the importances as given (the caller scales them into estimated loss increases)
 ALLOCATIONS = ("global", "uniform", "loss")
+# uniform measured best for SVD-LLM at keep <= 0.6 (eval/results/baselines.md); the CLI and BaselConfig use it too
+DEFAULT_ALLOCATION = "uniform"
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Budget:
     keep: float | None = None
     ranks: dict[str, int | None] | None = None
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
-    allocation: str = "global"
+    allocation: str = DEFAULT_ALLOCATION
     force: bool = False
     extra: dict = field(default_factory=dict)
 

@@ -60,7 +60,7 @@ def test_global_allocation_prefers_important_matrices():
     flat = torch.ones(64)
     steep = torch.cat([torch.full((8,), 100.0), torch.full((56,), 1e-3)])
     matrices = {"flat": MatrixScores(64, 64, flat), "steep": MatrixScores(64, 64, steep)}
-    ranks = allocate(Budget(keep=0.5, rank_multiple=8), matrices)
+    ranks = allocate(Budget(keep=0.5, rank_multiple=8, allocation="global"), matrices)
     assert ranks["steep"] == 8 and ranks["flat"] > 8
 
 
@@ -85,7 +85,7 @@ def test_output_gradients_are_collected_for_every_linear(tiny_llama, calib):
 def test_keep_too_small_is_a_user_error():
     matrices = {"m": MatrixScores(64, 64, torch.ones(64))}
     with pytest.raises(UserError, match="too small"):
-        allocate(Budget(keep=0.01, rank_multiple=8), matrices)
+        allocate(Budget(keep=0.01, rank_multiple=8, allocation="global"), matrices)
 
 
 def test_explicit_ranks_patterns_round_and_dense():

@@ -52,7 +52,7 @@ def test_svd_llm_half_budget_round_trip(smollm2, tmp_path):
     model = load_dense(path)
     task = load_task("python-code")
     calib = pack(task.train, tok, seq_len=256, max_tokens=2048)
-    result = compress(model, "svd-llm", Budget(keep=0.5), calib, progress=False)
+    result = compress(model, "svd-llm", Budget(keep=0.5, allocation="global"), calib, progress=False)
     assert result.params["factorized"] <= 0.5 * result.params["dense"]
     assert all(m.rank % 32 == 0 for m in decoder_linears(model).values() if isinstance(m, LowRankLinear))
     save_factorized(model, tmp_path / "f", path, method="svd-llm", task="python-code")

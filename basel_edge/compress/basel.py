@@ -45,7 +45,7 @@ from ..lowrank import (
     set_module,
     svd_factors,
 )
-from ..ranks import ALLOCATIONS, Budget, MatrixScores, allocate, uniform_ranks
+from ..ranks import ALLOCATIONS, DEFAULT_ALLOCATION, Budget, MatrixScores, allocate, uniform_ranks
 from ..train import LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
@@ -71,7 +71,7 @@ class BaselConfig:
     keep: float = 0.5
     mode: str = "budget"
     mass: float = 0.5
-    allocation: str = "uniform"
+    allocation: str = DEFAULT_ALLOCATION
     importance: str = "coefficient"
     basis: str = "svd-llm"
     r_add: int = 32
@@ -433,7 +433,7 @@ def final_budget_masks(
         n: MatrixScores(shapes[n][0], shapes[n][1], importance[n][order[n]].double().clamp_min(0)) for n in masks
     }
     try:
-        ranks = allocate(Budget(keep=left / dense, rank_multiple=multiple), matrices)
+        ranks = allocate(Budget(keep=left / dense, rank_multiple=multiple, allocation="global"), matrices)
     except UserError:
         least = sum((multiple + r_add) * (i + o) for i, o in shapes.values()) / dense
         raise UserError(
