@@ -60,6 +60,25 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def add_model_args(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    """The model of every command, named the same way everywhere: `MODEL` or `--model MODEL`."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help=help + (f" (default {default})" if default else ""))
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
+    p.set_defaults(model_default=default)
+
+
+def _settle_model(args: argparse.Namespace) -> None:
+    """Fold `--model` into `args.model` (once parsed, commands read only `args.model`)."""
+    if not hasattr(args, "model_option"):
+        return
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        raise UserError(f"two models given ({args.model} and --model {args.model_option}); give one")
+    args.model = args.model or args.model_option or args.model_default
+    if args.model is None:
+        raise UserError(f"`basel-edge {args.command}` needs a model: give MODEL or --model MODEL")
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     from .data import BUILTIN_TASKS
 
@@ -229,7 +248,7 @@ def _add_export_parser(sub) -> None:
 
     p = sub.add_parser("export", help="lower a dense or factorized checkpoint to an edge runtime format")
     p.add_argument("--target", required=True, help="export target (see `--target` list below)")
-    p.add_argument("model", help="dense HF directory or factorized checkpoint")
+    add_model_args(p, "dense HF directory or factorized checkpoint")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--weights", help="weight format; each target lists its own (default: the target's default)")
     p.add_argument("--keep-8bit", metavar="LIST",
@@ -348,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="factorize a dense model for a task")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded), HF directory or .gguf")
+    add_model_args(p, "embedded name, HF directory or .gguf", default=DEFAULT_MODEL)
     _add_data_args(p)
     p.add_argument("--method", default="svd-llm", help=f"one of {', '.join(sorted(METHODS))}")
     p.add_argument("--keep", type=_keep, default=0.5, help="fraction of decoder-linear parameters kept")
@@ -379,18 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("merge", help="multiply factors back into a dense HF checkpoint")
-    p.add_argument("model", help="factorized checkpoint directory")
+    add_model_args(p, "factorized checkpoint directory")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="ranks, parameter counts and bytes of a checkpoint")
-    p.add_argument("model")
+    add_model_args(p, "checkpoint directory or .gguf")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval-ppl", help="held-out perplexity of a dense or factorized model")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    add_model_args(p, "embedded name, dense or factorized checkpoint, or .gguf", default=DEFAULT_MODEL)
     _add_data_args(p)
     p.add_argument("--split", choices=("validation", "train"), default="validation")
     p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_EVAL_TOKENS)
@@ -400,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
-    add_finetune_parser(sub, _add_data_args)
+    add_finetune_parser(sub, _add_data_args, add_model_args)
     _add_export_parser(sub)
     _add_validate_parser(sub)
     _add_demo_parser(sub)
@@ -419,6 +438,11 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _settle_model(args)
+    except UserError as exc:
+        print(f"basel-edge: error: {exc}", file=sys.stderr)
+        return 2
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

@@ -253,3 +253,27 @@ def test_a_damaged_dense_model_folder_is_refused_in_one_line(capsys, tiny_llama,
         (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     code, _, err = run(capsys, "eval-ppl", model, "--task", "python-code", "--max-tokens", "64")
     _assert_user_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("command", [["compress", "--task", "python-code"], ["finetune", "--task", "python-code"],
+                                     ["merge"], ["info"], ["eval-ppl", "--task", "python-code"],
+                                     ["export", "--target", "onnx"]])
+def test_every_command_names_its_model_both_ways(capsys, tmp_path, command):
+    """One grammar (issue 19): `MODEL` and `--model MODEL` are the same everywhere; two different ones refused."""
+    missing = str(tmp_path / "missing-model")
+    out = [] if command[0] in ("info", "eval-ppl") else ["-o", str(tmp_path / "o")]
+    errors = []
+    for spelling in ([missing], ["--model", missing]):
+        code = main([*command, *spelling, *out])
+        errors.append(capsys.readouterr().err)
+        assert code == 2 and "missing-model" in errors[-1], errors[-1]
+    assert errors[0] == errors[1]
+    assert main([*command, missing, "--model", missing + "2", *out]) == 2
+    assert "two models given" in capsys.readouterr().err
+
+
+def test_info_reads_the_same_model_either_way(capsys, tiny_llama):
+    assert main(["info", str(tiny_llama), "--json"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["info", "--model", str(tiny_llama), "--json"]) == 0
+    assert capsys.readouterr().out == positional and positional.strip()

@@ -210,9 +210,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_finetune_parser(sub, add_data_args) -> None:
+def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
     p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
-    p.add_argument("model", help="factorized checkpoint directory")
+    add_model_args(p, "factorized checkpoint directory")
     add_data_args(p)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--steps", type=int, default=40)
