@@ -55,9 +55,11 @@ def measure(spec: dict) -> dict:
         he = spec["humaneval"]
         result["humaneval_generation"] = generate(runtime, he["prompts"], he["max_new_tokens"], he["tokenizer"],
                                                   he["batch"])
+    info = runtime.info()
     return {
         **result,
-        "info": runtime.info(),
+        "info": info,
+        "threads": info.get("threads", spec["threads"]),  # what ran: the mobile profile sets its own count
         "load_seconds": load_seconds,
         "perplexity": math.exp(total / count) if count else None,
         "nll": total / count if count else None,

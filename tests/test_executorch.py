@@ -128,6 +128,19 @@ def test_mobile_profile_threads_and_labels(exported):
     assert len(rt.generate([1, 2, 3], 4).token_ids) == 4
 
 
+def test_validate_records_the_threads_the_mobile_profile_ran(exported, tiny_llama, tiny_text_data, tmp_path):
+    """--threads 1 asks for one thread; the emulated phone runs min(4, cores), and its row says so."""
+    from eval.harness import ValidateConfig, run_validation
+
+    cfg = ValidateConfig(baseline=str(tiny_llama), artifacts=[str(exported["int8"])], out=tmp_path / "r",
+                         backends=["cpu", "mobile"], task=None, data=str(tiny_text_data), threads=1, seq_len=32,
+                         eval_tokens=64, agreement_tokens=32, prompt_tokens=8, new_tokens=4, reps=1)
+    rows = {(r["artifact"], r["backend"]): r for r in run_validation(cfg, progress=False)["rows"]}
+    assert rows[("int8", "cpu")]["status"] == "ok" and rows[("int8", "cpu")]["threads"] == 1
+    mobile = rows[("int8", "mobile")]
+    assert mobile["status"] == "ok" and mobile["threads"] == min(4, os.cpu_count()) == mobile["info"]["threads"]
+
+
 def test_mobile_budget_rejects_oversized_model(exported):
     size = (exported["int8"] / "model.pte").stat().st_size
     with pytest.raises(MemoryBudgetExceeded, match="over the emulated phone's .* MiB budget"):
