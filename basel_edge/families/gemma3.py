@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import UserError
-from . import ModelFamily, register
+from .base import ModelFamily, register
 
 
 def _gguf_keys(config: Mapping[str, Any], head_dim: int, writer: Any) -> None:

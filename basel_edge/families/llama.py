@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import ModelFamily, register
+from .base import ModelFamily, register
 
 LLAMA = register(ModelFamily(
     name="llama",

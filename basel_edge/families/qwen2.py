@@ -4,6 +4,6 @@ GGUF; the patched llama.cpp runs its low-rank form."""
 
 from __future__ import annotations
 
-from . import ModelFamily, register
+from .base import ModelFamily, register
 
 QWEN2 = register(ModelFamily(name="qwen2", model_types=("qwen2",), gguf_architecture="qwen2"))
