@@ -50,6 +50,16 @@ def _unit_float(value: str) -> float:
     return x
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{value}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return n
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -128,7 +138,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if ref.factorized:
         raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
     task = load_task(args.task, args.data, seed=args.seed)
-    error_aware = ErrorAwareConfig(args.ls_correction, args.batch_size) if args.error_aware else None
+    error_aware = ErrorAwareConfig(args.ls_correction, args.batch_size, args.local_steps, args.local_lr) \
+        if args.error_aware else None
     if (method.needs or error_aware) and not task.train:
         raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration")
     start = time.perf_counter()
@@ -138,7 +149,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size,
              error_aware=error_aware)
     extra = {
-        **({"error_aware": {"ls_correction": args.ls_correction}} if error_aware else {}),
+        **({"error_aware": {"ls_correction": args.ls_correction, "local_steps": args.local_steps,
+                            "local_lr": args.local_lr}} if error_aware else {}),
         "keep": args.keep if ranks is None else None,
         "allocation": args.allocation if ranks is None else "explicit",
         "calibration_tokens": int(calib.input_ids.numel()) if calib is not None else 0,
@@ -357,7 +369,7 @@ def _add_validate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
-    from .compress.basel_cli import add_finetune_parser, add_train_arguments
+    from .compress.basel_cli import _positive_float, add_finetune_parser, add_train_arguments
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
     from .ranks import ALLOCATIONS, DEFAULT_ALLOCATION
@@ -388,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "already-compressed model's inputs (README \"Error-aware truncation\")")
     p.add_argument("--ls-correction", type=_unit_float, default=1.0,
                    help="--error-aware: blend of the least-squares target, 0 (re-weight only) .. 1 (full fit)")
+    p.add_argument("--local-steps", type=_non_negative_int, default=0,
+                   help="--error-aware: Adam steps per layer training its factors to reproduce the dense layer's "
+                        "output (block-wise local distillation; 0: closed form only)")
+    p.add_argument("--local-lr", type=_positive_float, default=1e-4, help="--error-aware: learning rate of --local-steps")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("-o", "--output", type=Path, required=True)

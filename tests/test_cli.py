@@ -89,6 +89,8 @@ def test_cli_user_errors(capsys, tiny_llama, tmp_path, argv, fragments):
     (["finetune", "ckpt", "--loss", "mse"], "--loss"),
     *((["compress", "--task", "python-code", "--error-aware", "--ls-correction", c], "--ls-correction")
       for c in ("nan", "1.5", "x")),
+    (["compress", "--task", "python-code", "--error-aware", "--local-steps", "-1"], "--local-steps"),
+    (["compress", "--task", "python-code", "--error-aware", "--local-lr", "nan"], "--local-lr"),
 ])
 def test_bad_option_values_exit_2_with_one_line(capsys, tmp_path, argv, fragment):
     """NaN, inf and out-of-range numbers are refused before any work, in one line that points at --help."""

@@ -12,6 +12,10 @@ so W' is the method's weighted truncation of the least-squares target W*, its st
 the full least-squares fit, which can over-fit the calibration rows (measured in README "Error-aware").
 Inside a layer the projections are refitted in the order their inputs depend on each other (q/k/v, o,
 gate/up, down), so o_proj already sees the compressed q/k/v. Only one decoder layer's inputs are in memory.
+
+With `local_steps`, each layer's factors are then trained for that many Adam steps to reproduce the dense
+layer's output from the compressed model's inputs (block-wise local distillation, as Lillama does from SVD
+initialisation): one block in memory at a time, before the next layer is fitted.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from tqdm import tqdm
 from ..data import TokenBlocks
 from ..errors import UserError
 from ..families import family_of
-from ..lowrank import low_rank_from_factors, set_module
+from ..lowrank import LowRankLinear, low_rank_from_factors, set_module
 from .base import Method, decompose
 from .calibration import CalibrationStats
 
@@ -40,12 +44,18 @@ class ErrorAwareConfig:
 
     correction: float = 1.0
     batch_size: int = 4
+    local_steps: int = 0
+    local_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.correction <= 1.0) or math.isnan(self.correction):
             raise UserError(f"the least-squares correction must be in [0, 1], got {self.correction}")
         if self.batch_size < 1:
             raise UserError(f"the batch size must be positive, got {self.batch_size}")
+        if self.local_steps < 0:
+            raise UserError(f"local distillation steps must be non-negative, got {self.local_steps}")
+        if not 0.0 < self.local_lr < math.inf:
+            raise UserError(f"the local distillation learning rate must be positive and finite, got {self.local_lr}")
 
 
 class _LayerInputs(Exception):
@@ -115,6 +125,34 @@ def _stage_inputs(dense: nn.Module, comp: nn.Module, names: list[str], hs: list,
     return gram, cross, absolute
 
 
+def distil_layer(layer: nn.Module, inputs: list, targets: list, kwargs: list, steps: int, lr: float) -> float | None:
+    """Train the factors of `layer`'s LowRankLinears for `steps` Adam steps (one calibration batch each, in turn)
+    so its output from `inputs` matches `targets`; the loss is the squared error relative to the targets'
+    mean square. Returns the last loss (None when the layer has no factors)."""
+    factors = [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
+    if not factors or not steps:
+        return None
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(factors, lr=lr)
+    scales = [float(t.float().square().mean()) or 1.0 for t in targets]
+    loss = None
+    try:
+        for step in range(steps):
+            j = step % len(inputs)
+            loss = (_run(layer, inputs[j], kwargs[j]).float() - targets[j].float()).square().mean() / scales[j]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return float(loss.detach())
+
+
 def refit_sequential(
     model: nn.Module,
     method: Method,
@@ -170,5 +208,7 @@ def refit_sequential(
                 torch.set_num_threads(threads)
         with torch.no_grad():
             hs = [_run(dense, h, kw) for h, kw in zip(hs, kwargs[i])]
+        distil_layer(comp, hcs, hs, kwargs[i], cfg.local_steps, cfg.local_lr)
+        with torch.no_grad():
             hcs = [_run(comp, h, kw) for h, kw in zip(hcs, kwargs[i])]
         del dense
