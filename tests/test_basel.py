@@ -339,3 +339,17 @@ def test_config_refuses_non_finite_or_non_positive_rates(option, value):
     """Library callers get the CLI's checks: a NaN rate would train to NaN weights and exit 0 (issue 20)."""
     with pytest.raises(UserError):
         _cfg(**{option: value})
+
+
+@pytest.mark.parametrize("train_dense", [False, True])
+def test_train_dense_moves_norms_and_embedding_only_when_asked(tiny_llama, blocks, train_dense):
+    """--train-dense: part 1 trains the norms and the embedding too (the released code trains everything)."""
+    dense = load_dense(tiny_llama)
+    model = load_dense(tiny_llama)
+    run_basel(model, blocks, _cfg(train_dense=train_dense, dense_lr=1e-2), LoopConfig(steps=12, batch_size=2),
+              progress=False)
+    outside = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"]
+    before, after = dict(dense.named_parameters()), dict(model.named_parameters())
+    moved = [name for name in outside if not torch.equal(before[name], after[name])]
+    assert moved == (outside if train_dense else [])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in outside)

@@ -90,6 +90,10 @@ class BaselConfig:
     basis_dtype: str = "auto"
     # what part 1, the BSI importances and part 2 minimise (train.LOSSES): kl and kl+ce distil from the dense model
     loss: str = "ce"
+    # part 1 also trains every parameter outside the decoder linears (norms, embedding), as the released Basel
+    # code does (all parameters trainable), at `dense_lr`
+    train_dense: bool = False
+    dense_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -121,7 +125,7 @@ class BaselConfig:
                 f"{self.prune_events} pruning events do not fit in the {self.steps - self.keep_steps} steps after "
                 "the keep phase; give more steps or fewer events"
             )
-        rates = (self.lr, self.finetune_lr) + (() if self.lr_add is None else (self.lr_add,))
+        rates = (self.lr, self.finetune_lr, self.dense_lr) + (() if self.lr_add is None else (self.lr_add,))
         if not all(0 < r < math.inf for r in rates):  # written so that NaN fails too
             raise UserError(f"learning rates must be positive and finite, got {', '.join(map(str, rates))}")
         if self.bsi_probes < 1 or not 0 < self.bsi_eps < math.inf:
@@ -622,12 +626,21 @@ def run_basel(
         {"params": [m.w for m in layers.values()], "lr": cfg.lr},
         {"params": [p for m in layers.values() for p in (m.u_add, m.v_add)], "lr": lr_add},
     ]
+    outside = []
+    if cfg.train_dense:
+        inside = {id(p) for m in layers.values() for p in m.parameters()}
+        outside = [p for p in model.parameters() if id(p) not in inside]
+        for p in outside:
+            p.requires_grad_(True)
+        groups.append({"params": outside, "lr": cfg.dense_lr})
     settings = {"basel": asdict(cfg), "loop": loop_settings(loop), "rows": len(blocks), "seq": blocks.input_ids.shape[1]}
     result = train_loop(
         model, groups, blocks, loop, fingerprint(settings), before_step=pruner,
         extra_state=(pruner.state, pruner.load), on_step=on_step, desc=f"{cfg.importance == 'bsi' and 'bsi' or 'basel'} part 1",
         progress=progress, objective=objective,
     )
+    for p in outside:
+        p.requires_grad_(False)
     model.to("cpu")
     ranks = refactor(model, cfg.r_add, cfg.rank_multiple)
     out = BaselResult(ranks=ranks, history=pruner.history, train_tokens=result.train_tokens,

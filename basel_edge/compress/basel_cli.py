@@ -70,6 +70,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-steps", type=int, default=0, help="part 2: fine-tune both factors afterwards")
     g.add_argument("--finetune-lr", type=_positive_float, default=1e-4)
     _add_loss_argument(g)
+    g.add_argument("--train-dense", action="store_true",
+                   help="part 1 also trains the norms and the embedding (the released Basel code trains all)")
+    g.add_argument("--dense-lr", type=_positive_float, default=1e-5, help="learning rate of --train-dense")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
@@ -105,7 +108,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
         prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
         bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
-        loss=args.loss,
+        loss=args.loss, train_dense=args.train_dense, dense_lr=args.dense_lr,
     )
     ckpt_dir = default_checkpoint_dir(args.output)
     loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
