@@ -140,12 +140,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     task = load_task(args.task, args.data, seed=args.seed)
     error_aware = ErrorAwareConfig(args.ls_correction, args.batch_size, args.local_steps, args.local_lr) \
         if args.error_aware else None
-    if (method.needs or error_aware) and not task.train:
+    # plain svd needs no data, but loss-aware ranks and the error-aware refit run the calibration data through it
+    calibrated = bool(method.needs or error_aware or (ranks is None and budget.allocation == "loss"))
+    if calibrated and not task.train:
         raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration")
     start = time.perf_counter()
     tokenizer = load_tokenizer(ref.path)
     model = load_dense(ref.path)
-    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if method.needs or error_aware else None
+    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if calibrated else None
     compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size,
              error_aware=error_aware)
     extra = {

@@ -1,6 +1,9 @@
+import json
+
 import pytest
 import torch
 
+from basel_edge.cli import main
 from basel_edge.compress import METHODS, Budget, compress, decompose
 from basel_edge.compress.base import Weighting
 from basel_edge.compress.calibration import collect
@@ -73,6 +76,21 @@ def test_loss_allocation_compares_importances_across_matrices_as_given():
     assert balanced["cheap"] == balanced["costly"]
     ranks = allocate(Budget(keep=0.5, rank_multiple=8, allocation="loss"), matrices)
     assert ranks["costly"] > ranks["cheap"] >= 8
+
+
+def test_cli_loss_allocation_calibrates_even_a_method_that_needs_no_data(tiny_llama, tiny_text_data, tmp_path):
+    """plain svd reads no activations, but --allocation loss does: the CLI must pack the task's calibration data
+    for it (it used to refuse with 'give some' although the task had data)."""
+    ranks = {}
+    for allocation in ("uniform", "loss"):
+        out = tmp_path / allocation
+        assert main(["compress", str(tiny_llama), "--method", "svd", "--data", str(tiny_text_data), "--keep", "0.5",
+                     "--rank-multiple", "8", "--allocation", allocation, "-o", str(out), "--quiet"]) == 0
+        meta = json.loads((out / "basel.json").read_text())
+        assert meta["extra"]["allocation"] == allocation
+        assert (meta["extra"]["calibration_tokens"] > 0) == (allocation == "loss")
+        ranks[allocation] = {k: v["rank"] for k, v in meta["linears"].items()}
+    assert ranks["loss"] != ranks["uniform"]  # loss may even keep a matrix dense (no entry)
 
 
 def test_output_gradients_are_collected_for_every_linear(tiny_llama, calib):
