@@ -254,7 +254,15 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from exporters import get_exporter
 
-    return get_exporter(args.target)().export(args)
+    exporter = get_exporter(args.target)
+    misplaced = [f"--{d.replace('_', '-')} (--target {name})" for name, dests in args.target_options.items()
+                 if name != args.target for d, default in dests.items() if getattr(args, d) != default]
+    if misplaced:
+        raise UserError(f"{', '.join(misplaced)}: not {'an option' if len(misplaced) == 1 else 'options'} of "
+                        f"--target {args.target}")
+    if args.no_validate and not exporter.target.validates_after_export:
+        raise UserError(f"--no-validate: the {args.target} export runs no checks to skip")
+    return exporter().export(args)
 
 
 def _add_export_parser(sub) -> None:
@@ -269,16 +277,19 @@ def _add_export_parser(sub) -> None:
                    help="4-bit formats: keep these at 8 bits, comma-separated: embedding, output (the lm_head), "
                         "a projection in every layer (q_proj … down_proj) and/or layer numbers, "
                         "e.g. embedding,output,down_proj,0,1")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the checks a target runs after export (" + ", ".join(
+                       n for n, t in exporters.targets().items() if t.validates_after_export) + ")")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name, module in sorted(exporters.TARGET_MODULES.items()):
-        try:
-            cls = exporters.get_exporter(name)
-        except UserError:
-            continue
-        cls.add_arguments(p.add_argument_group(f"--target {name}: {cls.description}"))
-    p.set_defaults(func=cmd_export)
+    options = {}  # target -> {dest: default} of its own options, refused with another --target
+    for name in exporters.targets():
+        cls = exporters.get_exporter(name)
+        group = p.add_argument_group(f"--target {name}: {cls.description}")
+        cls.add_arguments(group)
+        options[name] = {a.dest: a.default for a in group._group_actions}
+    p.set_defaults(func=cmd_export, target_options=options)
 
 
 def _humaneval_config(args: argparse.Namespace):

@@ -1,5 +1,6 @@
-"""What an artifact is (torch checkpoint, ONNX folder, .pte, .gguf), which engine runs it, and which torch
-checkpoint holds the same weights (the reference for export fidelity)."""
+"""What an artifact is (a torch checkpoint, or one registered target's export), which engine runs it, and which
+torch checkpoint holds the same weights (the reference for export fidelity). The targets themselves say how to
+recognise their artifacts (`exporters.Target`); this module knows only the torch checkpoint."""
 
 from __future__ import annotations
 
@@ -7,74 +8,64 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from basel_edge.errors import UserError, read_json
+from exporters import Target, export_record, target_of, targets
 
-EXPORT_INFO_FILE = "basel-export.json"
-ENGINE_BY_KIND = {"torch": "torch", "onnx": "onnxruntime", "gguf": "llama_cpp", "pte": "executorch"}
+# the checkpoint itself, run by torch eager: not an export target, but validated like one
+TORCH_KIND, TORCH_ENGINE, TORCH_ENGINE_MODULE, TORCH_DEVICES = "torch", "torch", "runtimes.torch_eager", ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One model to validate. `source` is the torch checkpoint with the same weights, when known."""
+    """One model to validate. `source` is the torch checkpoint with the same weights, when known; `target` is
+    the export target it came from (None: a torch checkpoint)."""
 
     label: str
     path: Path
-    kind: str
+    target: Target | None
     source: Path | None
 
     @property
+    def kind(self) -> str:
+        return self.target.kind if self.target else TORCH_KIND
+
+    @property
     def engine(self) -> str:
-        return ENGINE_BY_KIND[self.kind]
+        return self.target.engine if self.target else TORCH_ENGINE
+
+    @property
+    def engine_module(self) -> str:
+        return self.target.engine_module if self.target else TORCH_ENGINE_MODULE
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.target.devices if self.target else TORCH_DEVICES
 
     def bytes_on_disk(self) -> int:
-        if self.path.is_file():
-            return self.path.stat().st_size
-        weights = ("model.onnx", "model.onnx.data", "model.safetensors")
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.name in weights or f.suffix in (".pte", ".ptd"))
+        if self.target is not None:
+            return self.target.bytes_on_disk(self.path)
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
 
 
 def traits(artifact: Artifact) -> dict:
     """Whether an artifact is factorized and its weight format, from what the exporters wrote into it."""
-    if artifact.kind == "torch":
+    if artifact.target is None:
         return {"factorized": (artifact.path / "basel.json").is_file(), "weights": "fp32"}
-    if artifact.kind == "gguf":
-        from gguf import GGUFReader, LlamaFileType
-
-        from exporters.gguf_format import is_lowrank_tensor
-
-        reader = GGUFReader(artifact.path)
-        field = reader.fields.get("general.file_type")
-        weights = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix(
-            "ALL_").lower() if field else "unknown"
-        return {"factorized": any(is_lowrank_tensor(t.name) for t in reader.tensors), "weights": weights}
-    info = artifact.path / EXPORT_INFO_FILE if artifact.path.is_dir() else None
-    if info is None or not info.is_file():
-        return {"factorized": None, "weights": "unknown"}
-    data = read_json(info, f"{info} is missing")
-    if not isinstance(data, dict):
-        raise UserError(f"{info} is not an export record (a JSON object); export the artifact again")
-    return {"factorized": bool(data.get("factorized_linears")), "weights": (data.get("scheme") or {}).get("weights", "unknown")}
+    return artifact.target.traits(artifact.path)
 
 
-def _kind(path: Path) -> str:
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".gguf":
-            return "gguf"
-        if suffix == ".pte":
-            return "pte"
-        raise UserError(f"{path}: unknown artifact type '{suffix}'; give a model folder, an ONNX folder, a .pte or a .gguf")
-    if (path / "model.onnx").is_file():
-        return "onnx"
-    if any(path.glob("*.pte")):
-        return "pte"
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return "torch"
-    raise UserError(f"{path}: not a model folder (config.json + safetensors), an ONNX folder, a .pte or a .gguf")
+def _target(path: Path) -> Target | None:
+    target = target_of(path)
+    if target is not None:
+        return target
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return None
+    known = ", ".join(f"{t.name} ({t.suffix or 'folder'})" for t in targets().values())
+    raise UserError(f"{path}: not a model folder (config.json + safetensors) nor an export of any target: {known}")
 
 
 def _recorded_source(path: Path) -> Path | None:
-    """The source checkpoint an exporter recorded in basel-export.json (inside a folder or beside a file)."""
-    info = path / EXPORT_INFO_FILE if path.is_dir() else path.with_name(path.name + "." + EXPORT_INFO_FILE)
+    """The source checkpoint an exporter recorded in its export record (inside a folder or beside a file)."""
+    info = export_record(path)
     if info.is_file():
         data = read_json(info, f"{info} is missing")
         source = data.get("source") if isinstance(data, dict) else None
@@ -90,17 +81,15 @@ def parse_artifact(spec: str) -> Artifact:
     path = Path(path_text).expanduser().absolute()
     if not path.exists():
         raise UserError(f"artifact {path} does not exist")
-    kind = _kind(path)
-    if kind == "gguf":
-        from exporters.gguf_format import read_summary
-
-        read_summary(path)  # a truncated or foreign file is refused here, before any measurement
+    target = _target(path)
+    if target is not None and target.check is not None:
+        target.check(path)
     if source_text:
         source = Path(source_text).expanduser().absolute()
         if not source.is_dir():
             raise UserError(f"source checkpoint {source} (after '@' in {spec}) is not a folder")
-    elif kind == "torch":
+    elif target is None:
         source = path
     else:
         source = _recorded_source(path)
-    return Artifact(label=path.name, path=path, kind=kind, source=source)
+    return Artifact(label=path.name, path=path, target=target, source=source)

@@ -18,15 +18,11 @@ import torch
 
 from basel_edge.errors import UserError
 
-INT8_WEIGHTS = {"onnx": "int8", "gguf": "q8_0", "executorch": "int8"}
-FILE_TARGETS = {"gguf": ".gguf"}
-# Lowering SmolLM2 to XNNPACK takes minutes on 2 cores, more than the whole --quick budget.
 # Training runs on one thread: on a shared 2-core machine two threads made a step many times slower
 # (basel_cli.py); the SVDs and the validation use --threads.
 TRAIN_THREADS = 1
 # rows of 256 tokens, as the trained methods and eval/bench_compress.py use: ~3 s per step on one core
 TRAIN_SEQ_LEN = 256
-SLOW_TARGETS = {"executorch": "its XNNPACK lowering takes several minutes on 2 cores (run the demo without --quick)"}
 
 
 @dataclass
@@ -116,22 +112,17 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     t = _phase(3, 4, "export to every available target with int8 weights")
     artifacts = [str(fact)]
-    for target in sorted(exporters.TARGET_MODULES):
-        try:
-            exporters.get_exporter(target)
-        except UserError as exc:
-            print(f"skip {target}: {exc}")
+    for target in exporters.targets().values():
+        if cfg.quick and target.slow:
+            print(f"skip {target.name} in --quick: {target.slow}")
             continue
-        if cfg.quick and target in SLOW_TARGETS:
-            print(f"skip {target} in --quick: {SLOW_TARGETS[target]}")
-            continue
-        dest = out / f"{fact.name}{FILE_TARGETS.get(target, '-' + target)}"
-        weights = INT8_WEIGHTS.get(target, "int8")
-        code = main(["export", "--target", target, str(fact), "-o", str(dest), "--weights", weights, "--overwrite"])
+        dest = out / target.output_name(fact.name)
+        code = main(["export", "--target", target.name, str(fact), "-o", str(dest), "--weights", target.int8_weights,
+                     "--overwrite"])
         if code == 0:
             artifacts.append(f"{dest}@{fact}")
         else:
-            print(f"export to {target} failed (exit {code}); it is left out of the report")
+            print(f"export to {target.name} failed (exit {code}); it is left out of the report")
     print(f"exported in {time.perf_counter() - t:.0f} s")
 
     t = _phase(4, 4, "validate against the dense model")

@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from basel_edge.errors import UserError
 from exporters.validation import compare_logits
+from runtimes import DEVICES
 from runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
 
 from .artifacts import Artifact, parse_artifact, traits
 from .humaneval import HumanEvalConfig
 
-BACKENDS = ("cpu", "mobile", "cuda")
-MOBILE_ENGINES = ("executorch",)
-CUDA_ENGINES = ("torch", "onnxruntime", "llama_cpp")
+BACKENDS = DEVICES  # validate --backends: the devices the engines run on
 REPORT_VERSION = 1
 
 
@@ -124,11 +123,11 @@ def cpu_model() -> str:
 
 def skip_reason(artifact: Artifact, backend: str) -> str | None:
     """Why an artifact cannot run on a backend here, decided without starting a worker."""
-    if backend == "mobile" and artifact.engine not in MOBILE_ENGINES:
-        return f"{artifact.engine} has no mobile profile (the emulated phone profile is ExecuTorch's)"
+    if backend not in artifact.devices:
+        if backend == "mobile":
+            return f"{artifact.engine} has no mobile profile (the emulated phone profile is ExecuTorch's)"
+        return f"{artifact.engine} has no {backend.upper() if backend == 'cuda' else backend} backend"
     if backend == "cuda":
-        if artifact.engine not in CUDA_ENGINES:
-            return f"{artifact.engine} has no CUDA backend"
         if not torch.cuda.is_available():
             return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
     return None
@@ -199,13 +198,13 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
     from .report import compare_reports, write_report
 
     baseline = parse_artifact(cfg.baseline)
-    if baseline.kind != "torch":
+    if baseline.target is not None:
         raise UserError(f"--baseline must be a torch model folder (dense HF checkpoint), got a {baseline.kind} artifact")
     artifacts = [parse_artifact(a) for a in cfg.artifacts]
     seen = {baseline.label}
     for i, a in enumerate(artifacts):
         if a.label in seen:
-            artifacts[i] = Artifact(f"{a.label}#{i + 1}", a.path, a.kind, a.source)
+            artifacts[i] = Artifact(f"{a.label}#{i + 1}", a.path, a.target, a.source)
         seen.add(artifacts[i].label)
     task_name, blocks, agreement_ids = _data(cfg, baseline)
     rows_ids = [r.tolist() for r in blocks.input_ids]
@@ -263,6 +262,7 @@ def run_validation(cfg: ValidateConfig, progress: bool = True) -> dict:
             spec = {
                 "job": f"job{index}",
                 "engine": artifact.engine,
+                "engine_module": artifact.engine_module,  # a target registered outside runtimes/ is found too
                 "artifact": str(artifact.path),
                 "device": backend,
                 "threads": cfg.threads,

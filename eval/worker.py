@@ -36,7 +36,8 @@ def measure(spec: dict) -> dict:
     from runtimes import open_runtime, peak_rss_bytes
 
     start = time.perf_counter()
-    runtime = open_runtime(spec["engine"], spec["artifact"], spec["device"], spec["threads"])
+    runtime = open_runtime(spec["engine"], spec["artifact"], spec["device"], spec["threads"],
+                           module=spec.get("engine_module"))
     load_seconds = time.perf_counter() - start
     total, count = 0.0, 0
     for ids, labels in zip(spec["rows"], spec["labels"]):

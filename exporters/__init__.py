@@ -1,32 +1,97 @@
-"""Export targets, registered by name: a new target is a new module that calls `register`.
+"""Export targets, registered by name and discovered: a new target is new files, nothing else.
 
-Each target module defines a subclass of `Exporter` and decorates it with `@register`; `basel-edge export
---target NAME` finds it here. Modules are imported lazily so that a target whose engine is not installed
-does not break the others.
+A target is one `Target` record (ARCHITECTURE.md, "Targets"): its name, the engine that runs its artifacts and
+the module that registers that engine, how to recognise its artifact, its default and int8 weights, the
+validate backends it runs on, and whether the artifact is a file or a folder. A target module defines an
+`Exporter` subclass with that record as `target` and decorates it with `@register`. Every module of this package
+is imported on the first registry query (the engine libraries themselves are imported only when exporting), so
+`basel-edge export`, `validate` and the demo see a new module without any table being edited; a module elsewhere
+(a plug-in, a test) registers the same way when it is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-from typing import ClassVar
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
 
 from basel_edge.errors import UserError
+from runtimes import DEVICES
 
-# target name -> module that registers it
-TARGET_MODULES: dict[str, str] = {}
+EXPORT_INFO_FILE = "basel-export.json"  # what an exporter records beside or inside its artifact
 EXPORTERS: dict[str, type["Exporter"]] = {}
+_discovered = False
+
+
+def export_record(path: Path) -> Path:
+    """Where the export record of artifact `path` lives: inside a folder, or beside a file."""
+    return path / EXPORT_INFO_FILE if path.is_dir() else path.with_name(path.name + "." + EXPORT_INFO_FILE)
+
+
+def recorded_traits(path: Path) -> dict:
+    """Whether an exported artifact is factorized and its weight format, from the export record beside it."""
+    from basel_edge.errors import read_json
+
+    info = export_record(path)
+    if not info.is_file():
+        return {"factorized": None, "weights": "unknown"}
+    data = read_json(info, f"{info} is missing")
+    if not isinstance(data, dict):
+        raise UserError(f"{info} is not an export record (a JSON object); export the artifact again")
+    return {"factorized": bool(data.get("factorized_linears")), "weights": (data.get("scheme") or {}).get("weights", "unknown")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything the tool knows about one export target; exporters, `validate` and the demo read only this."""
+
+    name: str  # --target NAME
+    kind: str  # the artifact kind that reports name (onnx, pte, gguf)
+    engine: str  # the runtime engine that runs the artifact (runtimes registry)
+    engine_module: str  # the module that registers that engine (the measuring worker imports it)
+    default_weights: str
+    int8_weights: str  # the 8-bit format the demo and the same-format comparisons use
+    recognise: Callable[[Path], bool]  # whether a path on disk is this target's artifact
+    devices: tuple[str, ...] = ("cpu",)  # the validate backends it runs on
+    suffix: str | None = None  # the file suffix when the artifact is one file; None: a folder
+    weight_files: tuple[str, ...] = ()  # a folder artifact: the patterns of its weight files (its size on disk)
+    traits: Callable[[Path], dict] = recorded_traits  # {"factorized": bool | None, "weights": str}
+    check: Callable[[Path], None] | None = None  # refuse a broken artifact before any measurement
+    validates_after_export: bool = False  # the export runs its own checks (--no-validate skips them)
+    slow: str | None = None  # why the demo's --quick leaves it out
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"target name {self.name!r} must be a plain word")
+        unknown = set(self.devices) - set(DEVICES)
+        if unknown or not self.devices:
+            raise ValueError(f"target {self.name}: devices must be some of {DEVICES}, got {self.devices}")
+        if self.suffix is not None and not self.suffix.startswith("."):
+            raise ValueError(f"target {self.name}: suffix {self.suffix!r} must start with a dot")
+
+    def bytes_on_disk(self, path: Path) -> int:
+        """The artifact's weights on disk (tokenizer, config and records not counted)."""
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for pattern in self.weight_files for f in path.glob(pattern) if f.is_file())
+
+    def output_name(self, stem: str) -> str:
+        """The artifact's file or folder name for a model named `stem` (NAME.gguf, NAME-onnx)."""
+        return stem + self.suffix if self.suffix else f"{stem}-{self.name}"
 
 
 class Exporter:
-    """One export target: its CLI options and the export itself."""
+    """One export target: its record, its CLI options and the export itself."""
 
-    name: ClassVar[str]
+    target: ClassVar[Target]
     description: ClassVar[str] = ""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Target-specific options for `basel-edge export`."""
+        """Target-specific options for `basel-edge export` (refused with any other --target)."""
 
     def export(self, args: argparse.Namespace) -> int:
         """Run the export for parsed CLI arguments; return the exit status."""
@@ -62,27 +127,35 @@ def kept_8bit(path: tuple[str, ...], keep_8bit: tuple[str, ...]) -> bool:
 
 
 def register(cls: type[Exporter]) -> type[Exporter]:
-    """Class decorator: make an exporter available under `cls.name`."""
-    EXPORTERS[cls.name] = cls
+    """Class decorator: make an exporter available under `cls.target.name`."""
+    EXPORTERS[cls.target.name] = cls
     return cls
 
 
-def declare(name: str, module: str) -> None:
-    """Tell the registry which module provides target `name` (imported on first use)."""
-    TARGET_MODULES[name] = module
+def _discover() -> None:
+    """Import every module of this package once, so each target module registers itself."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in pkgutil.iter_modules(__path__, __name__ + "."):
+        importlib.import_module(info.name)
+
+
+def targets() -> dict[str, Target]:
+    """Every registered target by name."""
+    _discover()
+    return {name: cls.target for name, cls in sorted(EXPORTERS.items())}
 
 
 def get_exporter(name: str) -> type[Exporter]:
-    if name not in TARGET_MODULES:
-        raise UserError(f"unknown export target '{name}'; available: {', '.join(sorted(TARGET_MODULES)) or 'none'}")
+    _discover()
     if name not in EXPORTERS:
-        try:
-            importlib.import_module(TARGET_MODULES[name])
-        except ImportError as exc:
-            raise UserError(f"export target '{name}' is not installed here ({exc}); run `make setup`") from None
+        raise UserError(f"unknown export target '{name}'; available: {', '.join(sorted(EXPORTERS)) or 'none'}")
     return EXPORTERS[name]
 
 
-declare("onnx", "exporters.onnx")
-declare("gguf", "exporters.gguf")
-declare("executorch", "exporters.executorch")
+def target_of(path: Path) -> Target | None:
+    """The target whose artifact `path` is, or None (a torch checkpoint folder is no target's)."""
+    return next((t for t in targets().values() if t.recognise(path)), None)
+

@@ -43,11 +43,10 @@ from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, unti
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 from basel_edge.rotation import prepare_for_int8_
 
-from . import Exporter, kept_8bit, parse_keep_8bit, register
+from . import EXPORT_INFO_FILE, Exporter, Target, kept_8bit, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement
 
 PTE_FILE = "model.pte"
-EXPORT_INFO_FILE = "basel-export.json"
 WEIGHT_FORMATS = ("int8", "int4", "fp32")
 INT4_GROUP = 32  # 8da4w weight group along the input dim; a linear whose input is not a multiple stays 8da8w
 # int4: the lm_head and every down_proj stay 8da8w, as llama.cpp's Q4_K_M keeps ffn_down at more bits. Dense
@@ -528,7 +527,13 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
 
 @register
 class ExecutorchExporter(Exporter):
-    name = "executorch"
+    target = Target(
+        name="executorch", kind="pte", engine="executorch", engine_module="runtimes.executorch",
+        default_weights="int8", int8_weights="int8", devices=("cpu", "mobile"), validates_after_export=True,
+        recognise=lambda path: path.suffix.lower() == ".pte" if path.is_file() else any(path.glob("*.pte")),
+        weight_files=("*.pte", "*.ptd"),
+        slow="its XNNPACK lowering takes several minutes on 2 cores (run the demo without --quick)",
+    )
     description = ".pte with static KV cache for ExecuTorch/XNNPACK; --weights int8 (default, 8da8w) | int4 (8da4w) | fp32"
 
     @classmethod
@@ -538,9 +543,9 @@ class ExecutorchExporter(Exporter):
     def export(self, args: argparse.Namespace) -> int:
         keep = parse_keep_8bit(args.keep_8bit)
         config = ExecutorchExportConfig(
-            weights=args.weights or "int8",
+            weights=args.weights or self.target.default_weights,
             max_seq_len=args.max_seq_len,
-            validate=not getattr(args, "no_validate", False),
+            validate=not args.no_validate,
             **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
         )
         log = (lambda *a: None) if args.json or args.quiet else print

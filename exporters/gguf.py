@@ -22,7 +22,7 @@ import torch
 from basel_edge.atomic import chmod_as_new, check_writable_parent, partial_prefix, remove_stale_partials
 from basel_edge.errors import UserError
 
-from . import KEEP_8BIT_PROJECTIONS, Exporter, parse_keep_8bit, register
+from . import KEEP_8BIT_PROJECTIONS, Exporter, Target, parse_keep_8bit, register
 from .gguf_format import (
     FORMAT_VERSION,
     FUSED_FIRST_FACTORS,
@@ -40,7 +40,9 @@ from .gguf_format import (
     LOWRANK_PROJECTIONS,
     LR_A_SUFFIX,
     LR_B_SUFFIX,
+    is_lowrank_tensor,
     lowrank_names,
+    read_summary,
 )
 from .gguf_tokenizer import add_tokenizer
 
@@ -391,9 +393,25 @@ def export_gguf(
     }
 
 
+def gguf_traits(path: Path) -> dict:
+    """Whether a .gguf holds low-rank factor tensors, and its weight format (general.file_type)."""
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    weights = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix(
+        "ALL_").lower() if field else "unknown"
+    return {"factorized": any(is_lowrank_tensor(t.name) for t in reader.tensors), "weights": weights}
+
+
 @register
 class GGUFExporter(Exporter):
-    name = "gguf"
+    target = Target(
+        name="gguf", kind="gguf", engine="llama_cpp", engine_module="runtimes.llama_cpp",
+        default_weights=DEFAULT_WEIGHTS, int8_weights="q8_0", devices=("cpu", "cuda"), suffix=".gguf",
+        recognise=lambda path: path.is_file() and path.suffix.lower() == ".gguf",
+        traits=gguf_traits, check=read_summary,  # a truncated or foreign file is refused before any measurement
+    )
     description = (f"llama.cpp GGUF, --weights q8_0 (default) | f16 | f32 | {' | '.join(QUANTIZE_TYPES)} (the last "
                    "made by llama-quantize); factorized layers need the patched llama.cpp")
 
@@ -408,9 +426,9 @@ class GGUFExporter(Exporter):
 
     def export(self, args: argparse.Namespace) -> int:
         summary = export_gguf(
-            args.model, args.output, weights=args.weights or DEFAULT_WEIGHTS, layout=getattr(args, "layout", None),
-            overwrite=args.overwrite, progress=not args.quiet, fuse=not getattr(args, "no_fuse", False),
-            keep_8bit=parse_keep_8bit(getattr(args, "keep_8bit", None)),
+            args.model, args.output, weights=args.weights or self.target.default_weights, layout=args.layout,
+            overwrite=args.overwrite, progress=not args.quiet, fuse=not args.no_fuse,
+            keep_8bit=parse_keep_8bit(args.keep_8bit),
         )
         if args.json:
             print(json.dumps(summary, indent=2))

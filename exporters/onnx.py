@@ -37,12 +37,11 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
-from . import Exporter, kept_8bit, parse_keep_8bit, register
+from . import EXPORT_INFO_FILE, Exporter, Target, kept_8bit, parse_keep_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
-EXPORT_INFO_FILE = "basel-export.json"
 WEIGHT_FORMATS = ("int8", "int4", "fp32")
 BITS = {"int8": 8, "int4": 4}
 KEEP_8BIT_DEFAULT = ("output",)  # int4: the lm_head stays at 8 bits (the embedding Gather is int8 either way)
@@ -401,18 +400,21 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, config: OnnxExportC
 
 @register
 class OnnxExporter(Exporter):
-    name = "onnx"
+    target = Target(
+        name="onnx", kind="onnx", engine="onnxruntime", engine_module="runtimes.onnxruntime",
+        default_weights="int8", int8_weights="int8", devices=("cpu", "cuda"), validates_after_export=True,
+        recognise=lambda path: path.is_dir() and (path / "model.onnx").is_file(), weight_files=("*.onnx", "*.onnx.data"),
+    )
     description = "decoder with KV cache for onnxruntime; --weights int8 (default) | int4 | fp32"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (onnx target)")
-        parser.add_argument("--no-validate", action="store_true", help="skip the checks after export")
 
     def export(self, args: argparse.Namespace) -> int:
         keep = parse_keep_8bit(args.keep_8bit)
         config = OnnxExportConfig(
-            weights=args.weights or "int8", opset=args.opset, validate=not args.no_validate,
+            weights=args.weights or self.target.default_weights, opset=args.opset, validate=not args.no_validate,
             **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
         )
         log = (lambda *a: None) if args.json or args.quiet else print

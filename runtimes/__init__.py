@@ -98,21 +98,27 @@ def declare(engine: str, module: str) -> None:
     ENGINE_MODULES[engine] = module
 
 
-def get_engine(engine: str) -> type[Runtime]:
-    if engine not in ENGINE_MODULES:
-        raise Unavailable(f"unknown engine '{engine}'; known: {', '.join(sorted(ENGINE_MODULES))}")
+def get_engine(engine: str, module: str | None = None) -> type[Runtime]:
+    """The runtime class of `engine`, importing `module` (or the declared module) on first use; an export
+    target names its engine's module, so an engine outside this package needs no declaration here."""
     if engine not in ENGINES:
+        module = module or ENGINE_MODULES.get(engine)
+        if module is None:
+            raise Unavailable(f"unknown engine '{engine}'; known: {', '.join(sorted(ENGINE_MODULES))}")
         try:
-            importlib.import_module(ENGINE_MODULES[engine])
+            importlib.import_module(module)
         except ImportError as exc:
             raise Unavailable(f"engine '{engine}' is not installed ({exc})") from None
+        if engine not in ENGINES:
+            raise Unavailable(f"module {module} registers no engine '{engine}'")
     return ENGINES[engine]
 
 
-def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", threads: int | None = None) -> Runtime:
+def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", threads: int | None = None,
+                 module: str | None = None) -> Runtime:
     if device not in DEVICES:
         raise Unavailable(f"unknown device '{device}'; devices: {', '.join(DEVICES)}")
-    return get_engine(engine).open(artifact_path, device, threads)
+    return get_engine(engine, module).open(artifact_path, device, threads)
 
 
 declare("torch", "runtimes.torch_eager")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from basel_edge.errors import UserError
+from exporters import EXPORT_INFO_FILE
 from basel_edge.families import family_of
 
 from . import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
-EXPORT_INFO_FILE = "basel-export.json"
 MiB = 1 << 20
 
 

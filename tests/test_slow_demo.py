@@ -10,22 +10,11 @@ pytestmark = pytest.mark.slow
 
 
 def _installed_engines() -> set[str]:
-    """Engines of the export targets installed here, less those --quick leaves out by design."""
+    """Engines of the registered export targets, less those --quick leaves out by design (all are installed by
+    `make setup`)."""
     import exporters
-    from basel_edge.errors import UserError
-    from eval.demo import SLOW_TARGETS
 
-    engines = {"torch"}
-    engine_of = {"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch"}
-    for target in exporters.TARGET_MODULES:
-        if target in SLOW_TARGETS:
-            continue
-        try:
-            exporters.get_exporter(target)
-        except UserError:
-            continue
-        engines.add(engine_of[target])
-    return engines
+    return {"torch"} | {t.engine for t in exporters.targets().values() if not t.slow}
 
 
 def test_quick_demo_reports_torch_and_every_installed_engine(tmp_path):

@@ -1,0 +1,47 @@
+"""A whole export target outside exporters/ and runtimes/, for tests/test_targets.py: its record, its exporter
+(a copy of the checkpoint beside a `model.fake` marker) and its engine (torch eager under another name).
+Importing this module registers both; nothing else in the repo names it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import exporters
+import runtimes
+from exporters import Exporter, Target
+from runtimes.torch_eager import TorchRuntime
+
+MARKER = "model.fake"
+
+
+@exporters.register
+class FakeExporter(Exporter):
+    target = Target(
+        name="fake", kind="fakekind", engine="fake_engine", engine_module=__name__,
+        default_weights="fp32", int8_weights="fp32", devices=("cpu",), weight_files=("*.safetensors",),
+        recognise=lambda path: path.is_dir() and (path / MARKER).is_file(),
+        traits=lambda path: {"factorized": (path / "basel.json").is_file(), "weights": "fp32"},
+    )
+    description = "a copy of the checkpoint, for the registry test"
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--fake-note", default="", help="written into the marker (fake target)")
+
+    def export(self, args: argparse.Namespace) -> int:
+        from basel_edge.models import resolve_model
+
+        shutil.copytree(resolve_model(args.model).path, args.output)
+        (Path(args.output) / MARKER).write_text(args.fake_note)
+        print(f"basel-edge: wrote {args.output} (fake)")
+        return 0
+
+
+@runtimes.register
+class FakeRuntime(TorchRuntime):
+    engine = "fake_engine"
+
+    def info(self) -> dict:
+        return {**super().info(), "engine": self.engine}
