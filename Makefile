@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements-embedded.txt
 # The low-rank llama.cpp (tools in the cache + patched llama-cpp-python); cached by pin and patch hash, so a
 # rerun is quick. LLAMA_CPP_CUDA=1 builds the CUDA backend on a GPU machine.
 $(VENV)/.llama-cpp: $(VENV)/.installed runtimes/llama_cpp/lowrank.patch runtimes/llama_cpp/build.py
-	$(PY) -m runtimes.llama_cpp.build $(if $(LLAMA_CPP_CUDA),--cuda)
+	$(PY) -m basel_edge.runtimes.llama_cpp.build $(if $(LLAMA_CPP_CUDA),--cuda)
 	touch $@
 
 demo: setup
@@ -34,7 +34,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 bench-baselines: setup
-	$(PY) -m eval.bench_baselines
+	$(PY) -m basel_edge.eval.bench_baselines
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -24,6 +24,7 @@ from .models import check_supported, copy_tokenizer_files, load_dense, resolve_m
 FORMAT = "basel-edge.factorized"
 VERSION = 1
 DIMENSION_FILE = "basel.json"
+EXPORT_INFO_FILE = "basel-export.json"  # the record an exporter writes inside or beside its artifact
 WEIGHTS_FILE = "model.safetensors"
 
 

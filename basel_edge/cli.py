@@ -252,7 +252,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from exporters import get_exporter
+    from basel_edge.exporters import get_exporter
 
     exporter = get_exporter(args.target)
     misplaced = [f"--{d.replace('_', '-')} (--target {name})" for name, dests in args.target_options.items()
@@ -266,7 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub) -> None:
-    import exporters
+    from basel_edge import exporters
 
     p = sub.add_parser("export", help="lower a dense or factorized checkpoint to an edge runtime format")
     p.add_argument("--target", required=True, help="export target (see `--target` list below)")
@@ -297,7 +297,7 @@ def _humaneval_config(args: argparse.Namespace):
         if args.limit is not None:
             raise UserError("--limit selects HumanEval problems; add --humaneval")
         return None
-    from eval.humaneval import HumanEvalConfig
+    from basel_edge.eval.humaneval import HumanEvalConfig
 
     try:
         return HumanEvalConfig(limit=args.limit, batch_size=args.batch)
@@ -306,7 +306,7 @@ def _humaneval_config(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from eval.harness import ValidateConfig, run_validation
+    from basel_edge.eval.harness import ValidateConfig, run_validation
 
     cfg = ValidateConfig(
         baseline=args.baseline,
@@ -336,7 +336,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from eval.demo import DemoConfig, run_demo
+    from basel_edge.eval.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.output, quick=args.quick, keep=args.keep, threads=args.threads, method=args.method))
     return 0

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from basel_edge.errors import UserError, read_json
-from exporters import Target, export_record, target_of, targets
+from basel_edge.exporters import Target, export_record, target_of, targets
 
 # the checkpoint itself, run by torch eager: not an export target, but validated like one
-TORCH_KIND, TORCH_ENGINE, TORCH_ENGINE_MODULE, TORCH_DEVICES = "torch", "torch", "runtimes.torch_eager", ("cpu", "cuda")
+TORCH_KIND, TORCH_ENGINE, TORCH_ENGINE_MODULE, TORCH_DEVICES = "torch", "torch", "basel_edge.runtimes.torch_eager", ("cpu", "cuda")
 
 
 @dataclass(frozen=True)

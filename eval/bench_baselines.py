@@ -4,7 +4,7 @@ For each method the calibration statistics and weighted SVDs are computed once, 
 every keep fraction; each compressed model is scored on the same held-out python-code tokens as the dense
 model. Writes eval/results/baselines.{json,md} and prints the markdown table.
 
-    python -m eval.bench_baselines [--keeps 0.8 0.6 0.4] [--eval-tokens 16384] [--threads 2]
+    python -m basel_edge.eval.bench_baselines [--keeps 0.8 0.6 0.4] [--eval-tokens 16384] [--threads 2]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ wait4); every trained method gets the same training-token budget (`--steps` x 2 
 Each result is scored in this process on held-out python-code text (packed) and on the HumanEval canonical
 solutions (one row per problem, prompt masked). Writes eval/results/compress.{json,md} after every model.
 
-    flock /tmp/basel-heavy.lock python -m eval.bench_compress [--keeps 0.4 0.6] [--steps 40]
+    flock /tmp/basel-heavy.lock python -m basel_edge.eval.bench_compress [--keeps 0.4 0.6] [--steps 40]
 """
 
 from __future__ import annotations

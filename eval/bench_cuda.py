@@ -2,7 +2,7 @@
 same run with `--device cpu`, and the torch engine's `cuda` backend in `validate` against its `cpu` backend
 (the same factorized checkpoint: logits, perplexity, decode tokens/s).
 
-    python -m eval.bench_cuda [--model DIR] [--random-weights] [--steps 40] [--devices cuda cpu]
+    python -m basel_edge.eval.bench_cuda [--model DIR] [--random-weights] [--steps 40] [--devices cuda cpu]
 
 One run takes about 8 minutes on an H200 machine with 16 CPU cores at SmolLM2-135M's shapes (the CUDA compress
 alone 170 s); `--devices cuda` leaves out the CPU compress when a lease is short.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from basel_edge.models import DEFAULT_MODEL, copy_tokenizer_files, resolve_model
-from eval.harness import ValidateConfig, cpu_model, run_validation
+from basel_edge.eval.harness import ValidateConfig, cpu_model, run_validation
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -6,7 +6,7 @@ bytes, linear weight bytes read per token, prefill and decode tokens/s (median o
 warm-up), peak RSS of the worker process. The factorized model is the demo's (SVD-LLM at keep 0.5, then
 120 fine-tuning steps) unless `--factorized DIR` names another checkpoint. Writes eval/results/executorch.{json,md}, prints the table.
 
-    python -m eval.bench_executorch [--factorized DIR] [--prompt-tokens 128] [--new-tokens 64]
+    python -m basel_edge.eval.bench_executorch [--factorized DIR] [--prompt-tokens 128] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from torch import nn
 from basel_edge.cache import cache_dir
 from basel_edge.checkpoint import load_model
 from basel_edge.models import DEFAULT_MODEL, resolve_model
-from eval.harness import cpu_model
-from exporters.executorch import ExecutorchExportConfig, export_executorch
+from basel_edge.eval.harness import cpu_model
+from basel_edge.exporters.executorch import ExecutorchExportConfig, export_executorch
 
 RESULTS = Path(__file__).parent / "results"
 PROFILES = ("cpu", "mobile")
@@ -62,7 +62,7 @@ def time_runtime(model_dir: Path, device: str, prompt: list[int], new_tokens: in
     """Run in a fresh process so the thread count, memory cap and peak RSS belong to this artifact alone."""
     code = f"""
 import json, statistics
-from runtimes.executorch import ExecutorchRuntime
+from basel_edge.runtimes.executorch import ExecutorchRuntime
 rt = ExecutorchRuntime.open({str(model_dir)!r}, {device!r})
 prompt = {prompt!r}
 rt.generate(prompt, 8)

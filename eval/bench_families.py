@@ -8,7 +8,7 @@ What CI cannot afford on 2 cores, run once per model with the results committed 
 - the dense-layout GGUF on an unpatched llama.cpp of the same pin: the same greedy tokens as the patched build.
 llama.cpp runs in child processes only.
 
-    python -m eval.bench_families --model qwen2.5-coder-0.5b [--targets gguf gguf-full-rank onnx executorch]
+    python -m basel_edge.eval.bench_families --model qwen2.5-coder-0.5b [--targets gguf gguf-full-rank onnx executorch]
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from basel_edge.embedded import EMBEDDED
 from basel_edge.families import family_of
 from basel_edge.lowrank import decoder_linears
 from basel_edge.models import load_dense, load_tokenizer, resolve_model
-from eval.harness import cpu_model
-from exporters.gguf import export_gguf
-from runtimes.isolation import run_isolated
-from runtimes.llama_cpp.build import PIN, build_key, build_stock_tool
-from runtimes.llama_cpp.tools import tool
+from basel_edge.eval.harness import cpu_model
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.runtimes.isolation import run_isolated
+from basel_edge.runtimes.llama_cpp.build import PIN, build_key, build_stock_tool
+from basel_edge.runtimes.llama_cpp.tools import tool
 
 RESULTS = Path(__file__).parent / "results"
 KEEP = 0.6
@@ -61,7 +61,7 @@ def round_trip_texts(tok) -> list[str]:
 
 
 def _logits_in_child(path: str, ids: list[int]) -> np.ndarray:
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, threads=2)
     try:
@@ -232,7 +232,7 @@ def main() -> None:
 
     if "onnx" in args.targets:
         def onnx() -> dict:
-            from exporters.onnx import OnnxExportConfig, export_onnx
+            from basel_edge.exporters.onnx import OnnxExportConfig, export_onnx
 
             info = export_onnx(fact, work / "onnx-int8", OnnxExportConfig(weights="int8"), overwrite=True,
                                log=lambda *a: None)
@@ -245,7 +245,7 @@ def main() -> None:
     if "executorch" in args.targets:
         def executorch() -> dict:
             from basel_edge.errors import UserError
-            from exporters.executorch import ExecutorchExportConfig, export_executorch
+            from basel_edge.exporters.executorch import ExecutorchExportConfig, export_executorch
 
             lines: list[str] = []
             try:

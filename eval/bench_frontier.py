@@ -9,7 +9,7 @@ the first N problems). Measured points are kept in the work folder, so an interr
 eval/results/frontier-<model>.{json,md} and two plots (accuracy vs bytes, accuracy vs decode tok/s) with the
 Pareto frontier.
 
-    python -m eval.bench_frontier --model qwen2.5-coder-0.5b --keeps 0.8 0.6 --humaneval-limit 60
+    python -m basel_edge.eval.bench_frontier --model qwen2.5-coder-0.5b --keeps 0.8 0.6 --humaneval-limit 60
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 from basel_edge.cache import cache_dir
 from basel_edge.models import load_tokenizer, resolve_model
-from eval.bench_gguf import heldout_text
-from eval.harness import cpu_model
-from exporters.gguf import QUANTIZE_TYPES, export_gguf, requantize, tensor_types
-from runtimes.isolation import run_isolated
-from runtimes.llama_cpp.build import PIN, build_key
-from runtimes.llama_cpp.tools import llama_bench, llama_perplexity
+from basel_edge.eval.bench_gguf import heldout_text
+from basel_edge.eval.harness import cpu_model
+from basel_edge.exporters.gguf import QUANTIZE_TYPES, export_gguf, requantize, tensor_types
+from basel_edge.runtimes.isolation import run_isolated
+from basel_edge.runtimes.llama_cpp.build import PIN, build_key
+from basel_edge.runtimes.llama_cpp.tools import llama_bench, llama_perplexity
 
 from . import humaneval
 
@@ -44,7 +44,7 @@ MARKERS = {"dense": "s", "svd-llm/q8_0": "o", "svd-llm/q4_0": "^"}
 
 def _generate_in_child(path: str, prompts: list[list[int]], max_new_tokens: int, tokenizer: str, threads: int,
                        batch: int) -> dict:
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, "cpu", threads)
     try:
@@ -244,7 +244,7 @@ def main() -> None:
         "model": args.model, "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "engine": f"{PIN} + lowrank.patch ({build_key(False)})", "threads": args.threads, "eval_tokens": eval_tokens,
         "humaneval_problems": len(problems), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python -m eval.bench_frontier " + " ".join(sys.argv[1:]), "rows": rows,
+        "command": "python -m basel_edge.eval.bench_frontier " + " ".join(sys.argv[1:]), "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"frontier-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -257,7 +257,7 @@ def main() -> None:
 def write_index(out: Path) -> None:
     """eval/results/frontier.md: every model's frontier table, from the frontier-<model>.json files."""
     parts = ["# Accuracy vs bytes: compressed models against the dense quantization ladder (llama.cpp)", "",
-             "Made by `python -m eval.bench_frontier`; plots: `frontier-<model>-bytes.png`, "
+             "Made by `python -m basel_edge.eval.bench_frontier`; plots: `frontier-<model>-bytes.png`, "
              "`frontier-<model>-decode.png`.", ""]
     for file in sorted(out.glob("frontier-*.json")):
         result = json.loads(file.read_text())

@@ -7,7 +7,7 @@ measured in paired rounds (every file once per round), because a shared VM drift
 Factorized checkpoints
 (svd-llm, python-code) are made with `basel-edge compress` when missing. Writes eval/results/gguf.{json,md}.
 
-    python -m eval.bench_gguf [--keeps 0.6 0.4] [--eval-tokens 16384] [--repetitions 7]
+    python -m basel_edge.eval.bench_gguf [--keeps 0.6 0.4] [--eval-tokens 16384] [--repetitions 7]
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 from basel_edge.cache import cache_dir
 from basel_edge.data import load_task
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from eval.harness import cpu_model
-from exporters.gguf import export_gguf
-from runtimes.llama_cpp.build import PIN, build_key
-from runtimes.llama_cpp.tools import llama_bench, llama_perplexity, llama_quantize
+from basel_edge.eval.harness import cpu_model
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.runtimes.llama_cpp.build import PIN, build_key
+from basel_edge.runtimes.llama_cpp.tools import llama_bench, llama_perplexity, llama_quantize
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = (1, 2)

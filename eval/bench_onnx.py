@@ -5,7 +5,7 @@ matmul weights read per token, prefill and decode tokens/s (median of repetition
 The factorized model is SVD-LLM at keep 0.5 unless `--factorized DIR` names another checkpoint.
 Writes eval/results/onnx.{json,md} and prints the markdown table.
 
-    python -m eval.bench_onnx [--factorized DIR] [--threads 1 2] [--prompt-tokens 128] [--new-tokens 64]
+    python -m basel_edge.eval.bench_onnx [--factorized DIR] [--threads 1 2] [--prompt-tokens 128] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import onnx
 
 from basel_edge.cache import cache_dir
 from basel_edge.models import DEFAULT_MODEL, resolve_model
-from exporters.onnx import ONNX_FILE, OnnxExportConfig, export_onnx
+from basel_edge.exporters.onnx import ONNX_FILE, OnnxExportConfig, export_onnx
 
 RESULTS = Path(__file__).parent / "results"
 WEIGHT_OPS = {"MatMul", "MatMulNBits"}
@@ -52,8 +52,8 @@ def time_runtime(model_dir: Path, threads: int, prompt: list[int], new_tokens: i
     """Run in a fresh process so the thread count and peak RSS belong to this artifact alone."""
     code = f"""
 import json, statistics
-from runtimes.onnxruntime import OrtRuntime
-from runtimes import peak_rss_bytes
+from basel_edge.runtimes.onnxruntime import OrtRuntime
+from basel_edge.runtimes import peak_rss_bytes
 rt = OrtRuntime.open({str(model_dir)!r}, "cpu", threads={threads})
 prompt = {prompt!r}
 rt.generate(prompt, 8)

@@ -5,7 +5,7 @@ buys: SmolLM2-135M dense Q8_0, Q4_0 and Q4_K_M, and factorized (SVD-LLM keep 0.5
 `llama-bench --repack 1` and `--repack 0` in paired rounds (both settings of every file once per round),
 pp64 / tg64 at 2 threads. Speed-ups are medians of per-round ratios. Writes eval/results/llama-cpp-repack.*.
 
-    python -m eval.bench_repack [--rounds 5] [--threads 2]
+    python -m basel_edge.eval.bench_repack [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from basel_edge.cache import cache_dir
 from basel_edge.models import DEFAULT_MODEL
-from eval.bench_gguf import factorized_checkpoint
-from eval.harness import cpu_model
-from exporters.gguf import export_gguf
-from runtimes.llama_cpp.build import PIN, build_key, selected_profile
-from runtimes.llama_cpp.tools import llama_bench, llama_quantize
+from basel_edge.eval.bench_gguf import factorized_checkpoint
+from basel_edge.eval.harness import cpu_model
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.runtimes.llama_cpp.build import PIN, build_key, selected_profile
+from basel_edge.runtimes.llama_cpp.tools import llama_bench, llama_quantize
 
 RESULTS = Path(__file__).parent / "results"
 KEEP = 0.5

@@ -6,7 +6,7 @@ coefficient (Basel), by the Fisher estimate and by Hutchinson estimates with a g
 coefficients at once (what the pruner does), and reports the Spearman correlation of each with the measured
 increase. Writes eval/results/bsi-estimates.{json,md}.
 
-    python -m eval.bsi_estimates [--probes 2 8 32]
+    python -m basel_edge.eval.bsi_estimates [--probes 2 8 32]
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def _phase(index: int, total: int, text: str) -> float:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every phase; returns the report folder."""
-    import exporters
+    from basel_edge import exporters
     from basel_edge.cli import main
     from basel_edge.models import DEFAULT_MODEL, resolve_model
 

@@ -1,6 +1,6 @@
 """`basel-edge validate`: every artifact on every requested backend, against the dense baseline.
 
-Each artifact×backend runs in its own worker process (eval.worker), so peak RSS is its own and a crash is a
+Each artifact×backend runs in its own worker process (basel_edge.eval.worker), so peak RSS is its own and a crash is a
 `failed` row rather than the end of the run. Fidelity (the exported model vs the torch model of the same
 weights) and compression loss (vs the dense baseline) are computed here from the logits the workers save.
 """
@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from basel_edge.errors import UserError
-from exporters.validation import compare_logits
-from runtimes import DEVICES
-from runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
+from basel_edge.exporters.validation import compare_logits
+from basel_edge.runtimes import DEVICES
+from basel_edge.runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
 
 from .artifacts import Artifact, parse_artifact, traits
 from .humaneval import HumanEvalConfig
@@ -158,10 +158,10 @@ def _run_worker(spec: dict, workdir: Path, timeout: int) -> tuple[dict, list[str
     spec_file = workdir / f"{spec['job']}.spec.json"
     result_file = workdir / f"{spec['job']}.result.json"
     spec_file.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "eval.worker", str(spec_file), str(result_file)]
+    cmd = [sys.executable, "-m", "basel_edge.eval.worker", str(spec_file), str(result_file)]
     env = {**os.environ, **NO_BACKTRACE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parent.parent)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "error": f"timed out after {timeout} s"}, cmd
     if proc.returncode != 0 or not result_file.is_file():

@@ -1,6 +1,6 @@
 """Measure one artifact on one engine and device, in its own process (peak RSS and crashes stay isolated).
 
-    python -m eval.worker SPEC.json RESULT.json
+    python -m basel_edge.eval.worker SPEC.json RESULT.json
 
 SPEC holds the engine, artifact, device, threads, the held-out rows (ids + labels), the agreement sequence and
 the speed settings, and optionally HumanEval prompts. RESULT gets perplexity, speed (median/min/max over repetitions
@@ -33,7 +33,7 @@ def nll_of_row(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
 
 
 def measure(spec: dict) -> dict:
-    from runtimes import open_runtime, peak_rss_bytes
+    from basel_edge.runtimes import open_runtime, peak_rss_bytes
 
     start = time.perf_counter()
     runtime = open_runtime(spec["engine"], spec["artifact"], spec["device"], spec["threads"],
@@ -76,7 +76,7 @@ def measure(spec: dict) -> dict:
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     from basel_edge.errors import UserError
-    from runtimes import Unavailable
+    from basel_edge.runtimes import Unavailable
 
     try:
         result = {"status": "ok", **measure(spec)}

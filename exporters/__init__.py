@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from basel_edge.checkpoint import EXPORT_INFO_FILE
 from basel_edge.errors import UserError
-from runtimes import DEVICES
+from basel_edge.runtimes import DEVICES
 
-EXPORT_INFO_FILE = "basel-export.json"  # what an exporter records beside or inside its artifact
 EXPORTERS: dict[str, type["Exporter"]] = {}
 _discovered = False
 

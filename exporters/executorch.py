@@ -412,7 +412,7 @@ def validate(out_dir: Path, reference: nn.Module, decoder: StaticCacheDecoder, t
     what the quantized model computes: the class of bug where weight-only int8 lowers silently wrong) and
     against the float model (the quantization error itself, top-1 and KL).
     """
-    from runtimes.executorch import ExecutorchRuntime
+    from basel_edge.runtimes.executorch import ExecutorchRuntime
 
     report = ValidationReport()
     runtime = ExecutorchRuntime.open(out_dir, "cpu")
@@ -528,7 +528,7 @@ def export_executorch(model_path: str | Path, out_dir: str | Path, config: Execu
 @register
 class ExecutorchExporter(Exporter):
     target = Target(
-        name="executorch", kind="pte", engine="executorch", engine_module="runtimes.executorch",
+        name="executorch", kind="pte", engine="executorch", engine_module="basel_edge.runtimes.executorch",
         default_weights="int8", int8_weights="int8", devices=("cpu", "mobile"), validates_after_export=True,
         recognise=lambda path: path.suffix.lower() == ".pte" if path.is_file() else any(path.glob("*.pte")),
         weight_files=("*.pte", "*.ptd"),

@@ -291,8 +291,8 @@ def tensor_types(path: Path) -> dict[str, int]:
 
 def requantize(src: Path, dst: Path, weights: str, options: list[str] = ()) -> None:
     """An F32/F16 GGUF to one of QUANTIZE_TYPES with llama-quantize (`options`: its per-tensor type flags)."""
-    from runtimes import Unavailable
-    from runtimes.llama_cpp.tools import llama_quantize
+    from basel_edge.runtimes import Unavailable
+    from basel_edge.runtimes.llama_cpp.tools import llama_quantize
 
     try:
         llama_quantize(src, dst, QUANTIZE_TYPES[weights], threads=os.cpu_count() or 1, options=list(options))
@@ -407,7 +407,7 @@ def gguf_traits(path: Path) -> dict:
 @register
 class GGUFExporter(Exporter):
     target = Target(
-        name="gguf", kind="gguf", engine="llama_cpp", engine_module="runtimes.llama_cpp",
+        name="gguf", kind="gguf", engine="llama_cpp", engine_module="basel_edge.runtimes.llama_cpp",
         default_weights=DEFAULT_WEIGHTS, int8_weights="q8_0", devices=("cpu", "cuda"), suffix=".gguf",
         recognise=lambda path: path.is_file() and path.suffix.lower() == ".gguf",
         traits=gguf_traits, check=read_summary,  # a truncated or foreign file is refused before any measurement

@@ -309,7 +309,7 @@ def save_proto(proto, path: Path) -> None:
 
 def validate(out_dir: Path, model: nn.Module, tokenizer, config: OnnxExportConfig, factorized: list[str], proto) -> ValidationReport:
     """optimum-cli-style checks: names/shapes, logits vs torch, KV-cache decode vs full recompute, matmul count."""
-    from runtimes.onnxruntime import OrtRuntime
+    from basel_edge.runtimes.onnxruntime import OrtRuntime
 
     report = ValidationReport()
     runtime = OrtRuntime.open(out_dir, "cpu")
@@ -401,7 +401,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, config: OnnxExportC
 @register
 class OnnxExporter(Exporter):
     target = Target(
-        name="onnx", kind="onnx", engine="onnxruntime", engine_module="runtimes.onnxruntime",
+        name="onnx", kind="onnx", engine="onnxruntime", engine_module="basel_edge.runtimes.onnxruntime",
         default_weights="int8", int8_weights="int8", devices=("cpu", "cuda"), validates_after_export=True,
         recognise=lambda path: path.is_dir() and (path / "model.onnx").is_file(), weight_files=("*.onnx", "*.onnx.data"),
     )

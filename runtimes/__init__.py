@@ -121,7 +121,7 @@ def open_runtime(engine: str, artifact_path: str | Path, device: str = "cpu", th
     return get_engine(engine, module).open(artifact_path, device, threads)
 
 
-declare("torch", "runtimes.torch_eager")
-declare("onnxruntime", "runtimes.onnxruntime")
-declare("llama_cpp", "runtimes.llama_cpp")
-declare("executorch", "runtimes.executorch")
+declare("torch", "basel_edge.runtimes.torch_eager")
+declare("onnxruntime", "basel_edge.runtimes.onnxruntime")
+declare("llama_cpp", "basel_edge.runtimes.llama_cpp")
+declare("executorch", "basel_edge.runtimes.executorch")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from basel_edge.errors import UserError
-from exporters import EXPORT_INFO_FILE
+from basel_edge.checkpoint import EXPORT_INFO_FILE
 from basel_edge.families import family_of
 
 from . import Generation, Runtime, Unavailable, peak_rss_bytes, register

@@ -4,7 +4,7 @@ llama.cpp (and any engine written in C/C++) reports a broken invariant with `abo
 access; neither can be caught in Python. `run_isolated(func, *args)` runs `func` in a fresh interpreter
 (multiprocessing "spawn"), returns its result, re-raises its Python exception, and turns a native death into
 `NativeCrash` whose message is the engine's own error line (`engine_error_line`), never a debugger backtrace.
-The harness workers (eval.worker) and the llama.cpp build's smoke check use the same error-line extraction.
+The harness workers (basel_edge.eval.worker) and the llama.cpp build's smoke check use the same error-line extraction.
 """
 
 from __future__ import annotations

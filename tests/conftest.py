@@ -13,11 +13,11 @@ import torch
 from basel_edge.checkpoint import load_model
 from basel_edge.models import load_tokenizer
 from basel_edge.tiny import make_tiny_llama
-from runtimes.llama_cpp import patched_binding_installed
+from basel_edge.runtimes.llama_cpp import patched_binding_installed
 
 needs_llama_cpp = pytest.mark.skipif(
     not patched_binding_installed(),
-    reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build` (make setup)",
+    reason="the patched llama-cpp-python is not built; run `python -m basel_edge.runtimes.llama_cpp.build` (make setup)",
 )
 
 
@@ -35,7 +35,7 @@ def llama_tokenizer_in_child(path: str, texts: list[str], id_lists: list[list[in
 
 def llama_logits_in_child(path: str, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits of every position of `ids`; for run_isolated."""
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path)
     try:
@@ -69,7 +69,7 @@ def complete_greedy(binary: Path, gguf_file: Path, prompt: str) -> subprocess.Co
 @pytest.fixture(scope="session")
 def stock_completion() -> Path:
     """llama.cpp's own llama-completion of the pinned version, without the low-rank patch (built once, ~4 min)."""
-    from runtimes.llama_cpp.build import build_stock_tool
+    from basel_edge.runtimes.llama_cpp.build import build_stock_tool
 
     return build_stock_tool()
 

@@ -8,10 +8,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-import exporters
-import runtimes
-from exporters import Exporter, Target
-from runtimes.torch_eager import TorchRuntime
+from basel_edge import exporters
+from basel_edge import runtimes
+from basel_edge.exporters import Exporter, Target
+from basel_edge.runtimes.torch_eager import TorchRuntime
 
 MARKER = "model.fake"
 

@@ -181,7 +181,7 @@ def test_a_model_whose_weights_do_not_cover_it_is_refused_not_randomly_filled(ca
     from basel_edge.checkpoint import save_factorized
     from basel_edge.compress import Budget, compress
     from basel_edge.models import load_dense
-    from exporters.gguf import export_gguf
+    from basel_edge.exporters.gguf import export_gguf
 
     monkeypatch.setenv("BASEL_EDGE_CACHE", str(tmp_path / "cache"))
     model = load_dense(tiny_llama)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from basel_edge.errors import UserError
-from eval.demo import TRAIN_THREADS, DemoConfig
+from basel_edge.eval.demo import TRAIN_THREADS, DemoConfig
 
 
 def _value(args: list[str], flag: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from basel_edge.errors import UserError
-from eval.scripts.executorch_device_bench import parse_observer, parse_peak_rss, runner_command, to_row
+from basel_edge.eval.scripts.executorch_device_bench import parse_observer, parse_peak_rss, runner_command, to_row
 
 SAMPLE = Path(__file__).parent / "data" / "llama_main_sample.txt"
 

@@ -18,10 +18,10 @@ from basel_edge.data import load_data, pack  # noqa: E402
 from basel_edge.errors import UserError  # noqa: E402
 from basel_edge.lowrank import decoder_linears  # noqa: E402
 from basel_edge.models import load_dense, load_tokenizer  # noqa: E402
-from exporters.executorch import ExecutorchExportConfig, export_executorch  # noqa: E402
-from exporters.validation import compare_logits  # noqa: E402
-from runtimes import open_runtime  # noqa: E402
-from runtimes.executorch import ExecutorchRuntime, MemoryBudgetExceeded, MobileProfile  # noqa: E402
+from basel_edge.exporters.executorch import ExecutorchExportConfig, export_executorch  # noqa: E402
+from basel_edge.exporters.validation import compare_logits  # noqa: E402
+from basel_edge.runtimes import open_runtime  # noqa: E402
+from basel_edge.runtimes.executorch import ExecutorchRuntime, MemoryBudgetExceeded, MobileProfile  # noqa: E402
 
 MAX_SEQ_LEN = 320
 quiet = lambda *a: None  # noqa: E731
@@ -130,7 +130,7 @@ def test_mobile_profile_threads_and_labels(exported):
 
 def test_validate_records_the_threads_the_mobile_profile_ran(exported, tiny_llama, tiny_text_data, tmp_path):
     """--threads 1 asks for one thread; the emulated phone runs min(4, cores), and its row says so."""
-    from eval.harness import ValidateConfig, run_validation
+    from basel_edge.eval.harness import ValidateConfig, run_validation
 
     cfg = ValidateConfig(baseline=str(tiny_llama), artifacts=[str(exported["int8"])], out=tmp_path / "r",
                          backends=["cpu", "mobile"], task=None, data=str(tiny_text_data), threads=1, seq_len=32,
@@ -149,7 +149,7 @@ def test_mobile_budget_rejects_oversized_model(exported):
 
 def test_address_space_cap_fails_clearly():
     """The enforced cap itself: an allocation over the budget fails inside it and works again after it."""
-    from runtimes.executorch import address_space_limit
+    from basel_edge.runtimes.executorch import address_space_limit
 
     with address_space_limit(64 << 20):
         with pytest.raises(MemoryError):
@@ -164,14 +164,14 @@ def test_sequence_longer_than_cache_is_a_clear_error(exported):
 
 
 def test_cuda_is_unavailable(exported):
-    from runtimes import Unavailable
+    from basel_edge.runtimes import Unavailable
 
     with pytest.raises(Unavailable, match="XNNPACK"):
         ExecutorchRuntime.open(exported["fp32"], "cuda")
 
 
 def test_failed_validation_leaves_no_output(factorized, tmp_path, monkeypatch, capsys):
-    import exporters.executorch as target
+    import basel_edge.exporters.executorch as target
 
     real = target.prepare
 
@@ -221,7 +221,7 @@ def test_weight_only_int8_lowering_is_caught(factorized, tmp_path, monkeypatch):
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis
 
-    import exporters.executorch as target
+    import basel_edge.exporters.executorch as target
 
     def weight_only(model, weights, keep_8bit):
         target.untie_embeddings_(model)
@@ -248,7 +248,7 @@ def test_int4_is_8da4w_with_the_lm_head_at_8_bits_and_passes_its_checks(factoriz
 def test_int4_keeps_the_lm_head_and_down_proj_at_8_bits_by_default(tiny_llama):
     """The default int4 mix (KEEP_8BIT_DEFAULT): 8da4w everywhere but the lm_head and each down_proj, and a
     `--keep-8bit` list replaces it."""
-    from exporters.executorch import quantize_
+    from basel_edge.exporters.executorch import quantize_
 
     def bits(keep):
         model = load_dense(tiny_llama)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from exporters.validation import ValidationReport, decided_agreement
+from basel_edge.exporters.validation import ValidationReport, decided_agreement
 
 VOCAB = 50
 

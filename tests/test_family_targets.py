@@ -3,7 +3,7 @@ target with its inline validation, and `validate`.
 
 qwen2 has q/k/v biases (added after the second factor); gemma3 has (1 + w) norms, q/k norms, post-norms, a GELU
 MLP, a scaled embedding, head_dim != hidden / heads and a sliding-window layer (window 8, shorter than every
-check's sequence). llama.cpp runs only in child processes (runtimes.isolation.run_isolated).
+check's sequence). llama.cpp runs only in child processes (basel_edge.runtimes.isolation.run_isolated).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import decoder_linears
 from basel_edge.models import load_dense, load_tokenizer
 from basel_edge.tiny import make_tiny_model
-from runtimes.isolation import run_isolated
+from basel_edge.runtimes.isolation import run_isolated
 
 HIDDEN, MLP = 64, 128  # whole Q8_0 blocks
 FAMILIES = {
@@ -90,7 +90,7 @@ def test_compress_methods_write_a_checkpoint_that_loads(capsys, tiny, tiny_text_
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 def test_onnx_export_passes_its_inline_validation(factorized, tmp_path, weights):
     pytest.importorskip("onnxruntime")
-    from exporters.onnx import OnnxExportConfig, export_onnx
+    from basel_edge.exporters.onnx import OnnxExportConfig, export_onnx
 
     info = export_onnx(factorized, tmp_path / "onnx", OnnxExportConfig(weights=weights), log=quiet)
     metrics = info["validation"]["metrics"]
@@ -104,7 +104,7 @@ def test_onnx_export_passes_its_inline_validation(factorized, tmp_path, weights)
 
 def test_executorch_int8_export_passes_its_inline_validation(factorized, tmp_path):
     pytest.importorskip("executorch")
-    from exporters.executorch import ExecutorchExportConfig, export_executorch
+    from basel_edge.exporters.executorch import ExecutorchExportConfig, export_executorch
 
     info = export_executorch(factorized, tmp_path / "pte", ExecutorchExportConfig(weights="int8", max_seq_len=320),
                              log=quiet)
@@ -118,7 +118,7 @@ def test_full_rank_factorized_gguf_f32_matches_dense_gguf_and_torch(full_rank, t
     """The patched llama.cpp graph of the family is right: full-rank factors give the dense GGUF's logits, and
     those torch's, within 3e-3 over 200 positions, past the sliding window (logits span about ±2 here; gemma3's
     dense F32 GGUF itself differs from torch by 1.7e-3, qwen2's by 3.5e-4)."""
-    from exporters.gguf import export_gguf
+    from basel_edge.exporters.gguf import export_gguf
 
     ids = stdlib_ids(full_rank, 200)
     export_gguf(full_rank, tmp_path / "f.gguf", weights="f32", layout="factorized", progress=False)
@@ -135,7 +135,7 @@ def test_q8_0_factorized_gguf_agrees_with_torch(factorized, tmp_path):
     """Q8_0 noise only (the F32 test above checks the graph): the tiny models' logits are nearly flat (max about
     2), so top-1 is fragile; measured 0.89 (qwen2) and 0.94 (gemma3) factorized, 0.96 for the same weights in
     the dense layout, which quantizes activations once per linear instead of twice."""
-    from exporters.gguf import export_gguf
+    from basel_edge.exporters.gguf import export_gguf
 
     ids = stdlib_ids(factorized, 300)
     export_gguf(factorized, tmp_path / "q.gguf", progress=False)
@@ -147,9 +147,9 @@ def test_q8_0_factorized_gguf_agrees_with_torch(factorized, tmp_path):
 
 @needs_llama_cpp
 def test_validate_reports_every_engine_ok(tiny, factorized, tiny_text_data, tmp_path):
-    from eval.harness import ValidateConfig, run_validation
-    from exporters.gguf import export_gguf
-    from exporters.onnx import OnnxExportConfig, export_onnx
+    from basel_edge.eval.harness import ValidateConfig, run_validation
+    from basel_edge.exporters.gguf import export_gguf
+    from basel_edge.exporters.onnx import OnnxExportConfig, export_onnx
 
     export_onnx(factorized, tmp_path / "onnx", OnnxExportConfig(weights="int8"), log=quiet)
     export_gguf(factorized, tmp_path / "m.gguf", progress=False)

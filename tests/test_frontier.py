@@ -2,7 +2,7 @@
 
 import json
 
-from eval.bench_frontier import markdown, pareto, plot, write_index
+from basel_edge.eval.bench_frontier import markdown, pareto, plot, write_index
 
 
 def _row(name, method, mib, ppl, passed, tps=10.0, n=40):
@@ -32,7 +32,7 @@ def test_pareto_keeps_only_points_nothing_beats_on_both_axes():
 
 def test_table_index_and_plots(tmp_path):
     result = {"model": "m", "machine": {"cpu": "cpu", "cores": 2}, "engine": "e", "threads": 2, "eval_tokens": 100,
-              "command": "python -m eval.bench_frontier --model m", "rows": ROWS}
+              "command": "python -m basel_edge.eval.bench_frontier --model m", "rows": ROWS}
     text = markdown(result)
     lines = [line for line in text.splitlines() if line.startswith("| SVD-LLM keep 0.6 Q8_0")]
     assert len(lines) == 1 and "| 10.0 [0.0–20.0] |" in lines[0] and not lines[0].split("|")[7].strip()

@@ -1,6 +1,6 @@
 """GGUF export (exporters/gguf.py) and the low-rank llama.cpp runtime (runtimes/llama_cpp) on tiny models.
 
-llama.cpp runs only in child processes (runtimes.isolation.run_isolated): a native abort fails one test with
+llama.cpp runs only in child processes (basel_edge.runtimes.isolation.run_isolated): a native abort fails one test with
 llama.cpp's own message instead of killing pytest.
 """
 
@@ -20,14 +20,14 @@ from basel_edge.compress import compress
 from basel_edge.errors import UserError
 from basel_edge.models import load_tokenizer
 from basel_edge.ranks import Budget
-from exporters.gguf import export_gguf
-from exporters.gguf_format import (
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.exporters.gguf_format import (
     LR_A_SUFFIX,
     LR_B_SUFFIX,
     is_lowrank_tensor,
     read_summary,
 )
-from runtimes.isolation import run_isolated
+from basel_edge.runtimes.isolation import run_isolated
 
 # Q8_0 rows are blocks of 32: hidden 64 and MLP 128 keep every row length a multiple of 32
 HIDDEN, MLP = 64, 128
@@ -69,7 +69,7 @@ def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def _generate_in_child(path: str, prompt: list[int], n: int):
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, threads=1)
     try:
@@ -211,8 +211,8 @@ def test_generate_and_info(tiny_rank32, tmp_path):
 
 def test_factorized_file_on_a_stock_binding_says_which_build_it_needs(tiny_rank32, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from runtimes import Unavailable, open_runtime
-    from runtimes.llama_cpp import build
+    from basel_edge.runtimes import Unavailable, open_runtime
+    from basel_edge.runtimes.llama_cpp import build
 
     export_gguf(tiny_rank32, tmp_path / "q.gguf", progress=False)
     monkeypatch.setattr(build, "installed_key", lambda: None)  # as if a stock llama-cpp-python were installed
@@ -260,7 +260,7 @@ def crashing_ggufs(tiny_rank32, tmp_path_factory) -> dict[str, Path]:
 
 @needs_llama_cpp
 def test_a_native_llama_cpp_abort_fails_one_call_with_its_own_message(tiny_rank32, crashing_ggufs):
-    from runtimes.isolation import NativeCrash
+    from basel_edge.runtimes.isolation import NativeCrash
 
     ids = stdlib_ids(tiny_rank32, 40)
     with pytest.raises(NativeCrash) as aborted:
@@ -274,7 +274,7 @@ def test_a_native_llama_cpp_abort_fails_one_call_with_its_own_message(tiny_rank3
 
 @needs_llama_cpp
 def test_a_crashing_gguf_is_one_failed_row_with_the_engines_message(tiny, crashing_ggufs, tiny_text_data, tmp_path):
-    from eval.harness import ValidateConfig, run_validation
+    from basel_edge.eval.harness import ValidateConfig, run_validation
 
     cfg = ValidateConfig(baseline=str(tiny), artifacts=[
         str(crashing_ggufs["abort"]), str(crashing_ggufs["abort"].with_name("f32.gguf"))], out=tmp_path / "report",
@@ -289,7 +289,7 @@ def test_a_crashing_gguf_is_one_failed_row_with_the_engines_message(tiny, crashi
 
 
 def test_qwen2_split_regex_maps_to_llama_cpps_qwen2_pre_tokenizer():
-    from exporters.gguf_tokenizer import PRE_QWEN2, pre_tokenizer_name
+    from basel_edge.exporters.gguf_tokenizer import PRE_QWEN2, pre_tokenizer_name
 
     # the pre_tokenizer of Qwen2.5-Coder-0.5B-Instruct's tokenizer.json, as the file spells it
     qwen2 = json.loads(r'''{"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex":
@@ -407,7 +407,7 @@ def test_keep_8bit_is_checked_at_the_edge(tiny_rank32, tmp_path, capsys):
 
 @needs_llama_cpp
 def test_validate_compares_a_factorized_gguf_with_the_dense_gguf_of_the_same_format(tiny, tiny_rank32, tiny_text_data, tmp_path):
-    from eval.harness import ValidateConfig, run_validation
+    from basel_edge.eval.harness import ValidateConfig, run_validation
 
     export_gguf(tiny, tmp_path / "dense-q8.gguf", progress=False)
     export_gguf(tiny, tmp_path / "dense-f32.gguf", weights="f32", progress=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from eval import humaneval
-from eval.sandbox import SandboxLimits, run_program
+from basel_edge.eval import humaneval
+from basel_edge.eval.sandbox import SandboxLimits, run_program
 
 FAST = SandboxLimits(wall_s=3, cpu_s=3)
 PROJECT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_validate_limit_without_humaneval_is_a_user_error(tiny_llama, tmp_path, 
 
 
 def test_torch_batched_generation_equals_one_at_a_time(tiny_llama):
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("torch", tiny_llama, "cpu", 1)
     prompts = [[1, 5, 9, 20], [1, 7], [1, 30, 31, 32, 33, 34, 35], [1, 2, 3]]
@@ -143,7 +143,7 @@ def test_torch_batched_generation_equals_one_at_a_time(tiny_llama):
 
 
 def _llama_batch_in_child(path: str, prompts: list[list[int]]) -> tuple[list, list, list]:
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, "cpu", 1)
     single = [runtime.generate(p, 10).token_ids for p in prompts]
@@ -155,8 +155,8 @@ def _llama_batch_in_child(path: str, prompts: list[list[int]]) -> tuple[list, li
 
 @needs_llama_cpp
 def test_llama_cpp_continuous_batching_equals_one_at_a_time(tiny_llama, tmp_path):
-    from exporters.gguf import export_gguf
-    from runtimes.isolation import run_isolated
+    from basel_edge.exporters.gguf import export_gguf
+    from basel_edge.runtimes.isolation import run_isolated
 
     export_gguf(tiny_llama, tmp_path / "t.gguf", weights="f32", progress=False)
     prompts = [[1, 5, 9, 20], [1, 7], [1, 30, 31, 32, 33, 34, 35], [1, 2, 3], [1, 40, 41]]
@@ -168,8 +168,8 @@ def test_llama_cpp_continuous_batching_equals_one_at_a_time(tiny_llama, tmp_path
 @needs_llama_cpp
 def test_validate_humaneval_rows_hold_per_problem_results(tiny_llama, tiny_text_data, tmp_path):
     """torch and its F32 GGUF generate the same completions (same weights, greedy) and score identically."""
-    from eval.harness import ValidateConfig, run_validation
-    from exporters.gguf import export_gguf
+    from basel_edge.eval.harness import ValidateConfig, run_validation
+    from basel_edge.exporters.gguf import export_gguf
 
     export_gguf(tiny_llama, tmp_path / "t.gguf", weights="f32", progress=False)
     cfg = ValidateConfig(baseline=str(tiny_llama), artifacts=[f"{tmp_path / 't.gguf'}@{tiny_llama}"],

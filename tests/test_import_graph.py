@@ -1,5 +1,6 @@
-"""The import graph of the project's own modules (issue 19): no cycle among module-level imports, and nothing
-under `basel_edge/` imports `eval` at module level (the core must not depend on the harness)."""
+"""The import graph of the project's own modules (issue 19): one import root (`basel_edge`; the exporters/,
+runtimes/ and eval/ folders install as its subpackages), no cycle among module-level imports, and the core never
+imports the harness (`basel_edge.eval`) at module level."""
 
 from __future__ import annotations
 
@@ -7,16 +8,31 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("basel_edge", "exporters", "runtimes", "eval")
+# folder -> the package it installs as (pyproject's package-dir)
+PACKAGES = {"basel_edge": "basel_edge", "exporters": "basel_edge.exporters", "runtimes": "basel_edge.runtimes",
+            "eval": "basel_edge.eval"}
+HARNESS = "basel_edge.eval"
+OUTSIDE_CORE = ("basel_edge.eval", "basel_edge.exporters", "basel_edge.runtimes")
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [package, *path.relative_to(ROOT / folder).with_suffix("").parts]
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
+
+
+def _every_import(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in the file (function bodies included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
 
 
 def _module_level_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -83,6 +99,7 @@ def test_the_graph_is_read_from_the_sources():
     graph = _graph()
     assert "basel_edge.errors" in graph["basel_edge.compress.basel"]
     assert "basel_edge.families.base" in graph["basel_edge.families.llama"]
+    assert "basel_edge.exporters" in graph["basel_edge.exporters.onnx"]  # a folder installed under the root
 
 
 def test_no_import_cycle():
@@ -90,6 +107,16 @@ def test_no_import_cycle():
 
 
 def test_the_core_does_not_import_the_harness_at_module_level():
-    offenders = {m: sorted(d for d in deps if d == "eval" or d.startswith("eval."))
-                 for m, deps in _graph().items() if m.startswith("basel_edge")}
+    offenders = {m: sorted(d for d in deps if d == HARNESS or d.startswith(HARNESS + "."))
+                 for m, deps in _graph().items() if not m.startswith(OUTSIDE_CORE)}
     assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_one_import_root():
+    """Nothing imports exporters, runtimes or eval as top-level packages: installed, they live under basel_edge
+    (a top-level `eval` would be whatever other distribution owns that name)."""
+    old_roots = {folder for folder in PACKAGES if folder != "basel_edge"}
+    files = [p for folder in (*PACKAGES, "tests") for p in (ROOT / folder).rglob("*.py")]
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in _every_import(p) if m.split(".")[0] in old_roots)
+                 for p in files}
+    assert not {f: m for f, m in offenders.items() if m}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from runtimes.isolation import NativeCrash, engine_error_line, run_isolated, signal_name
+from basel_edge.runtimes.isolation import NativeCrash, engine_error_line, run_isolated, signal_name
 
 GDB_NOISE = """\
 [New LWP 4242]

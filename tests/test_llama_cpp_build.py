@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.isolation import NO_BACKTRACE_ENV, run_isolated
-from runtimes.llama_cpp import build, patched_binding_installed
-from runtimes.llama_cpp.smoke import compare_extra_buffer_types, make_files, run_smoke
+from basel_edge.runtimes.isolation import NO_BACKTRACE_ENV, run_isolated
+from basel_edge.runtimes.llama_cpp import build, patched_binding_installed
+from basel_edge.runtimes.llama_cpp.smoke import compare_extra_buffer_types, make_files, run_smoke
 
 needs_build = pytest.mark.skipif(
     not (patched_binding_installed() and build.tools_built()),
-    reason="the patched llama.cpp is not built; run `python -m runtimes.llama_cpp.build` (make setup)",
+    reason="the patched llama.cpp is not built; run `python -m basel_edge.runtimes.llama_cpp.build` (make setup)",
 )
 x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
 

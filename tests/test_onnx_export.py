@@ -18,9 +18,9 @@ from basel_edge.data import load_data, pack  # noqa: E402
 from basel_edge.errors import UserError  # noqa: E402
 from basel_edge.lowrank import decoder_linears  # noqa: E402
 from basel_edge.models import load_dense, load_tokenizer  # noqa: E402
-from exporters.onnx import OnnxExportConfig, export_onnx  # noqa: E402
-from exporters.validation import compare_logits  # noqa: E402
-from runtimes.onnxruntime import OrtRuntime  # noqa: E402
+from basel_edge.exporters.onnx import OnnxExportConfig, export_onnx  # noqa: E402
+from basel_edge.exporters.validation import compare_logits  # noqa: E402
+from basel_edge.runtimes.onnxruntime import OrtRuntime  # noqa: E402
 
 LINEARS_PER_LAYER = 7
 
@@ -165,7 +165,7 @@ def test_missing_factor_is_a_clear_cli_error(factorized, tmp_path, capsys):
 
 
 def test_failed_validation_leaves_no_output(factorized, tmp_path, monkeypatch, capsys):
-    import exporters.onnx as target
+    import basel_edge.exporters.onnx as target
 
     real = target.quantize_embedding_int8
 
@@ -190,7 +190,7 @@ def test_bad_weights_option(capsys, factorized, tmp_path):
 
 
 def test_unavailable_devices(exported):
-    from runtimes import Unavailable
+    from basel_edge.runtimes import Unavailable
 
     with pytest.raises(Unavailable, match="mobile"):
         OrtRuntime.open(exported["fp32"], "mobile")

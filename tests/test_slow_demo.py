@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.demo import DemoConfig, run_demo
+from basel_edge.eval.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def _installed_engines() -> set[str]:
     """Engines of the registered export targets, less those --quick leaves out by design (all are installed by
     `make setup`)."""
-    import exporters
+    from basel_edge import exporters
 
     return {"torch"} | {t.engine for t in exporters.targets().values() if not t.slow}
 

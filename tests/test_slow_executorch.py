@@ -1,6 +1,6 @@
 """Slow: ExecuTorch export of the real SmolLM2-135M, factorized int8 (SVD-LLM, keep 0.5).
 
-The dense int8 export of the same model (about 5 minutes here) is exercised by `python -m eval.bench_executorch`,
+The dense int8 export of the same model (about 5 minutes here) is exercised by `python -m basel_edge.eval.bench_executorch`,
 whose committed results (eval/results/executorch.json) record its inline validation passing; running it here
 too would put CI over its 45-minute budget.
 """
@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
-from exporters.executorch import ExecutorchExportConfig, export_executorch  # noqa: E402
-from runtimes.executorch import ExecutorchRuntime  # noqa: E402
+from basel_edge.exporters.executorch import ExecutorchExportConfig, export_executorch  # noqa: E402
+from basel_edge.runtimes.executorch import ExecutorchRuntime  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import pytest
 from conftest import complete_greedy, llama_tokenizer_in_child, needs_llama_cpp
 
 from basel_edge.models import load_tokenizer, resolve_model
-from eval.bench_families import PROMPT, round_trip_texts
-from exporters.gguf import export_gguf
-from runtimes.isolation import run_isolated
-from runtimes.llama_cpp.tools import tool
+from basel_edge.eval.bench_families import PROMPT, round_trip_texts
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.runtimes.isolation import run_isolated
+from basel_edge.runtimes.llama_cpp.tools import tool
 
 pytestmark = [pytest.mark.slow, needs_llama_cpp]
 MODELS = ["qwen2.5-coder-0.5b", "gemma3-270m"]

@@ -11,16 +11,16 @@ import torch
 from conftest import complete_greedy, llama_tokenizer_in_child
 
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer
-from exporters.gguf import export_gguf
-from exporters.gguf_format import read_summary
-from runtimes.isolation import run_isolated
-from runtimes.llama_cpp import patched_binding_installed
-from runtimes.llama_cpp.tools import tool
+from basel_edge.exporters.gguf import export_gguf
+from basel_edge.exporters.gguf_format import read_summary
+from basel_edge.runtimes.isolation import run_isolated
+from basel_edge.runtimes.llama_cpp import patched_binding_installed
+from basel_edge.runtimes.llama_cpp.tools import tool
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not patched_binding_installed(),
-                       reason="the patched llama-cpp-python is not built; run `python -m runtimes.llama_cpp.build`"),
+                       reason="the patched llama-cpp-python is not built; run `python -m basel_edge.runtimes.llama_cpp.build`"),
 ]
 PROMPT = "def fibonacci(n):"
 TOKENIZER_STRINGS = [
@@ -42,7 +42,7 @@ def smollm2_files(smollm2_half, tmp_path_factory):
 
 
 def _generate_in_child(path: str, prompt: list[int], n: int):
-    from runtimes import open_runtime
+    from basel_edge.runtimes import open_runtime
 
     runtime = open_runtime("llama_cpp", path, threads=2)
     try:

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from exporters.onnx import OnnxExportConfig, export_onnx  # noqa: E402
-from runtimes.onnxruntime import OrtRuntime  # noqa: E402
+from basel_edge.exporters.onnx import OnnxExportConfig, export_onnx  # noqa: E402
+from basel_edge.runtimes.onnxruntime import OrtRuntime  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

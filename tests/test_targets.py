@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-import exporters
-import runtimes
+from basel_edge import exporters
+from basel_edge import runtimes
 from basel_edge.cli import main
-from eval.artifacts import parse_artifact
+from basel_edge.eval.artifacts import parse_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def fake_target(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # the worker imports tests.fake_target from the repo root too
+    monkeypatch.syspath_prepend(str(ROOT))
+    # the measuring worker is another process: it finds tests.fake_target through PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     module = importlib.import_module("tests.fake_target")
     yield module
     exporters.EXPORTERS.pop("fake", None)

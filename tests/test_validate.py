@@ -13,8 +13,8 @@ from basel_edge.compress import Budget, compress
 from basel_edge.data import load_data, pack
 from basel_edge.models import load_dense, load_tokenizer
 from basel_edge.perplexity import perplexity
-from eval.harness import ValidateConfig, run_validation
-from eval.report import compare_reports, validate_schema
+from basel_edge.eval.harness import ValidateConfig, run_validation
+from basel_edge.eval.report import compare_reports, validate_schema
 
 NEW_TOKENS = 12
 

@@ -9,7 +9,7 @@ VmHWM, `emulated: false`). Perplexity and fidelity stay with `basel-edge validat
 does not expose logits. It cannot run on the build machine (no phone); `tests/test_device_bench.py` checks
 the parsing on a recorded output.
 
-    python -m eval.scripts.executorch_device_bench EXPORT_DIR --runner PATH/TO/llama_main [--serial ID]
+    python -m basel_edge.eval.scripts.executorch_device_bench EXPORT_DIR --runner PATH/TO/llama_main [--serial ID]
         [--threads 4] [--new-tokens 32] [--prompt-tokens 64] [--reps 3] [-o device.json]
 """
 

@@ -3,7 +3,7 @@
 `LlamaCppRuntime.open(path.gguf)` checks the file first: a factorized GGUF (`_lr_a`/`_lr_b` tensors) only runs
 on the patched build, and basel-edge says so instead of surfacing llama.cpp's missing-tensor error alone.
 llama.cpp runs in the calling process: callers that must survive a native abort run it through
-`runtimes.isolation.run_isolated` (tests) or a worker process (eval.worker).
+`basel_edge.runtimes.isolation.run_isolated` (tests) or a worker process (basel_edge.eval.worker).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.gguf_format import read_summary
+from basel_edge.exporters.gguf_format import read_summary
 
 from .. import Generation, Runtime, Unavailable, peak_rss_bytes, register
 
 DEFAULT_CONTEXT = 1024  # with logits for every position: n_ctx x vocab floats (200 MB for SmolLM2)
-BUILD_COMMAND = "python -m runtimes.llama_cpp.build"
+BUILD_COMMAND = "python -m basel_edge.runtimes.llama_cpp.build"
 
 
 def patched_binding_installed() -> bool:
     """Whether this environment's llama-cpp-python is the patched build of this checkout's patch, for this CPU,
     of the build profile that passed the post-build smoke check."""
-    # imported here so that `python -m runtimes.llama_cpp.build` does not import its own module twice
+    # imported here so that `python -m basel_edge.runtimes.llama_cpp.build` does not import its own module twice
     from .build import build_key, installed_key, installed_profile, selected_profile
 
     for cuda in (False, True):

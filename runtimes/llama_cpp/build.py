@@ -1,6 +1,6 @@
 """Build the low-rank llama.cpp: the pinned llama-cpp-python sdist, patched, as tools and as the Python binding.
 
-`python -m runtimes.llama_cpp.build` downloads the exactly pinned sdist from PyPI (checked against its hash),
+`python -m basel_edge.runtimes.llama_cpp.build` downloads the exactly pinned sdist from PyPI (checked against its hash),
 applies `lowrank.patch` to its vendored llama.cpp, builds the CLI tools (`llama-completion`, `llama-bench`,
 `llama-perplexity`, `llama-quantize`) with CMake into the basel-edge cache, builds the patched llama-cpp-python
 wheel into the same cache and pip-installs it into the running environment. Everything is keyed by pin + patch (+ CUDA flag): a second run
@@ -364,7 +364,7 @@ def build(cuda: bool = False, jobs: int | None = None, tools: bool = True, pytho
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtimes.llama_cpp.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m basel_edge.runtimes.llama_cpp.build", description=__doc__.split("\n")[0])
     parser.add_argument("--cuda", action="store_true", help="build the CUDA backend (needs the CUDA toolkit)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     parser.add_argument("--skip-tools", action="store_true", help="only the Python binding")

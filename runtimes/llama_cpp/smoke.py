@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.isolation import NO_BACKTRACE_ENV, NativeCrash, engine_error_line, run_isolated
+from basel_edge.runtimes.isolation import NO_BACKTRACE_ENV, NativeCrash, engine_error_line, run_isolated
 
 PROMPT = "def f(x):"
 NEW_TOKENS = 8
@@ -58,7 +58,7 @@ def make_files(work: Path, quantize: Path | None) -> dict[str, Path]:
     from basel_edge.compress import compress
     from basel_edge.ranks import Budget
     from basel_edge.tiny import make_tiny_llama
-    from exporters.gguf import export_gguf
+    from basel_edge.exporters.gguf import export_gguf
 
     torch.manual_seed(0)
     dense_dir = make_tiny_llama(work / "tiny", hidden=64, intermediate=128)
@@ -108,7 +108,7 @@ def binding_logits(path: str, token_ids: list[int], extra_buffer_types: bool, th
     """
     import llama_cpp
 
-    from runtimes.llama_cpp import model_params
+    from basel_edge.runtimes.llama_cpp import model_params
 
     with model_params(use_extra_bufts=extra_buffer_types):
         llm = llama_cpp.Llama(model_path=path, n_ctx=128, n_batch=n_batch, logits_all=True, n_threads=threads,

@@ -20,7 +20,7 @@ def tool(name: str, cuda: bool = False) -> Path:
     """Path of a built tool; Unavailable with the build command when it is not built."""
     if not tools_built(cuda):
         raise Unavailable(
-            f"the low-rank llama.cpp tools are not built in {tools_dir(cuda)}; run `python -m runtimes.llama_cpp.build`"
+            f"the low-rank llama.cpp tools are not built in {tools_dir(cuda)}; run `python -m basel_edge.runtimes.llama_cpp.build`"
         )
     return tools_dir(cuda) / name
 
