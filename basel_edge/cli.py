@@ -338,7 +338,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from basel_edge.eval.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.output, quick=args.quick, keep=args.keep, threads=args.threads, method=args.method))
+    run_demo(DemoConfig(out=args.output, quick=args.quick, keep=args.keep, threads=args.threads, method=args.method,
+                        overwrite=args.overwrite))
     return 0
 
 
@@ -349,6 +350,8 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--method", help="compression method (default: svd-llm, then fine-tuned; basel or bsi train instead)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("-o", "--output", type=Path, default=Path("out/demo"))
+    p.add_argument("--overwrite", action="store_true",
+                   help="run in a non-empty folder the demo did not make (a folder it made is reused anyway)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -23,6 +23,7 @@ from basel_edge.errors import UserError
 TRAIN_THREADS = 1
 # rows of 256 tokens, as the trained methods and eval/bench_compress.py use: ~3 s per step on one core
 TRAIN_SEQ_LEN = 256
+DEMO_MARKER = ".basel-edge-demo"  # in a folder the demo made, so that a rerun may replace its outputs there
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DemoConfig:
     keep: float = 0.5
     threads: int = 2
     method: str | None = None
+    overwrite: bool = False  # run in a non-empty folder the demo did not make (its outputs replace same-named ones)
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
@@ -85,6 +87,20 @@ def _phase(index: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
+def claim_output(out: Path, overwrite: bool) -> None:
+    """Make `out` the demo's folder, or refuse in one line before any work: a folder the demo made (it holds
+    DEMO_MARKER) is reused, and the phases then replace their own outputs in it; anything else must be new or
+    empty unless --overwrite (the demo never deletes what it did not write in this run or an earlier one)."""
+    from basel_edge.atomic import check_output_dir, check_writable_parent
+
+    if (out / DEMO_MARKER).is_file():
+        check_writable_parent(out)
+    else:
+        check_output_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by `basel-edge demo`; a later demo run replaces its outputs here\n")
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every phase; returns the report folder."""
     from basel_edge import exporters
@@ -93,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     start = time.perf_counter()
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, cfg.overwrite)
     t = _phase(1, 4, "materialise the embedded SmolLM2-135M-Instruct")
     dense = resolve_model(DEFAULT_MODEL).path
     print(f"dense model: {dense} ({time.perf_counter() - t:.0f} s)")

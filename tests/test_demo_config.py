@@ -38,3 +38,26 @@ def test_basel_demo_splits_the_same_step_budget_between_part_1_and_part_2():
 def test_bad_demo_settings_are_user_errors(bad):
     with pytest.raises(UserError):
         DemoConfig(out=Path("x"), **bad)
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_reuses_its_own(tmp_path, capsys):
+    from basel_edge.cli import main
+    from basel_edge.eval.demo import DEMO_MARKER, claim_output
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "-o", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert str(foreign) in err and "--overwrite" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    made = tmp_path / "made"
+    claim_output(made, overwrite=False)
+    (made / "report").mkdir()
+    claim_output(made, overwrite=False)  # a rerun into the demo's own folder needs no --overwrite
+    assert (made / DEMO_MARKER).is_file() and (made / "report").is_dir()
+    claim_output(foreign, overwrite=True)  # asked: the demo may write there, and still deletes nothing
+    assert (foreign / "notes.txt").read_text() == "keep me" and (foreign / DEMO_MARKER).is_file()
+    with pytest.raises(UserError):
+        claim_output(tmp_path / "made" / DEMO_MARKER, overwrite=False)  # a file, not a folder
