@@ -89,11 +89,11 @@ def _phase(index: int, total: int, text: str) -> float:
 
 def claim_output(out: Path, overwrite: bool) -> None:
     """Make `out` the demo's folder, or refuse in one line before any work: a folder the demo made (it holds
-    DEMO_MARKER) is reused, and the phases then replace their own outputs in it; anything else must be new or
+    DEMO_MARKER, or the report of a demo from before the marker) is reused, and the phases then replace their own outputs in it; anything else must be new or
     empty unless --overwrite (the demo never deletes what it did not write in this run or an earlier one)."""
     from basel_edge.atomic import check_output_dir, check_writable_parent
 
-    if (out / DEMO_MARKER).is_file():
+    if (out / DEMO_MARKER).is_file() or (out / "report" / "report.json").is_file():  # the latter: an older demo's
         check_writable_parent(out)
     else:
         check_output_dir(out, overwrite)

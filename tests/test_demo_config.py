@@ -57,6 +57,10 @@ def test_demo_refuses_a_folder_it_did_not_make_and_reuses_its_own(tmp_path, caps
     (made / "report").mkdir()
     claim_output(made, overwrite=False)  # a rerun into the demo's own folder needs no --overwrite
     assert (made / DEMO_MARKER).is_file() and (made / "report").is_dir()
+    older = tmp_path / "older"  # a demo folder from before the marker: its report is there
+    (older / "report").mkdir(parents=True)
+    (older / "report" / "report.json").write_text("{}")
+    claim_output(older, overwrite=False)
     claim_output(foreign, overwrite=True)  # asked: the demo may write there, and still deletes nothing
     assert (foreign / "notes.txt").read_text() == "keep me" and (foreign / DEMO_MARKER).is_file()
     with pytest.raises(UserError):
