@@ -3,9 +3,19 @@
 Every compression runs as its own `basel-edge` process (so wall time and peak RSS are per method, read with
 wait4); every trained method gets the same training-token budget (`--steps` x 2 rows x `--train-seq-len`).
 Each result is scored in this process on held-out python-code text (packed) and on the HumanEval canonical
-solutions (one row per problem, prompt masked). Writes eval/results/compress.{json,md} after every model.
+solutions (one row per problem, prompt masked). Writes eval/results/NAME.{json,md} after every model.
 
     flock /tmp/basel-heavy.lock python -m basel_edge.eval.bench_compress [--keeps 0.4 0.6] [--steps 40]
+
+The ablation of issue 18 (eval/results/compress-ablation.*): training-free variants, some of them then fine-tuned
+with the same budget, and the dense model with the same fine-tuning; --append adds rows to an earlier run:
+
+    python -m basel_edge.eval.bench_compress --name compress-ablation --append --steps 120 --keeps 0.5 \
+      --methods svd-llm svd-llm+ft --dense-finetune \
+      --variant "loss=svd-llm --allocation loss" --variant "ea=svd-llm --error-aware --ls-correction 0" \
+      --variant "loss+ea=svd-llm --allocation loss --error-aware --ls-correction 0" \
+      --finetune-variant "loss+ft=loss" --finetune-variant "loss+ft-kl=loss --loss kl" \
+      --finetune-variant "loss+ea+ft=loss+ea"
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from pathlib import Path
 import torch
 
 from basel_edge.checkpoint import load_model
+from basel_edge.compress import get_method
 from basel_edge.data import TokenBlocks, load_task, pack
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from basel_edge.perplexity import perplexity
@@ -43,6 +54,33 @@ def run_cli(argv: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "stdout": out.strip()}
 
 
+def dense_finetune(steps: int, seq_len: int, lr: float) -> dict:
+    """The dense model with the fine-tuning every trained row gets (every decoder linear trainable, CE on
+    python-code, the same rows as `basel-edge finetune` draws): task fine-tuning also moves the dense model, so
+    a compressed row is compared with this as well as with the untouched dense model."""
+    from basel_edge.compress.basel_cli import _train_blocks
+    from basel_edge.lowrank import decoder_linears
+    from basel_edge.models import load_dense
+    from basel_edge.train import LoopConfig, fingerprint, peak_rss_mib, train_loop
+
+    torch.set_num_threads(1)  # as every timed `basel-edge` run of this benchmark
+    start = time.perf_counter()
+    ref = resolve_model(DEFAULT_MODEL)
+    blocks = _train_blocks(load_task("python-code"), load_tokenizer(ref.path), seq_len, steps * BATCH * seq_len)
+    model = load_dense(ref.path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [lin.weight for lin in decoder_linears(model).values()]
+    for w in weights:
+        w.requires_grad_(True)
+    loop = LoopConfig(steps=steps, batch_size=BATCH)
+    train_loop(model, [{"params": weights, "lr": lr}], blocks, loop, fingerprint({"dense-ft": lr}), progress=False)
+    model.eval()
+    for w in weights:
+        w.requires_grad_(False)
+    return {"model": model, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
 def by_length(blocks: TokenBlocks) -> TokenBlocks:
     """Rows sorted by length so batches carry little padding (padding is never scored either way)."""
     width = blocks.labels.shape[1]
@@ -58,6 +96,11 @@ def markdown(report: dict) -> str:
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     d = report["dense"]
     lines.append(f"| dense | – | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – |")
+    if "dense_finetuned" in report:
+        t = report["dense_finetuned"]
+        lines.append(f"| dense+ft | finetune every decoder linear, {report['steps']} steps | 1.0 | 1.000 | "
+                     f"{t['python_ppl']:.3f} | {t['humaneval_ppl']:.3f} | {t['train_tokens']} | {t['seconds']:.0f} | "
+                     f"{t['peak_rss_mib']:.0f} |")
     for keep in keeps:
         for r in report["rows"]:
             if r["keep"] != keep:
@@ -75,6 +118,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["svd-llm", "svd-llm+ft", "basel", "bsi"])
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
                         help="a trained method with its own compress options, run after --methods")
+    parser.add_argument("--finetune-variant", action="append", default=[], metavar="LABEL=BASE [OPTIONS]",
+                        help="`basel-edge finetune` of the row BASE at the same keep, with its own finetune options "
+                             "(--loss kl, --lr ...); wall time and RSS include BASE's compression")
+    parser.add_argument("--dense-finetune", action="store_true",
+                        help="add a row: the dense model with the same fine-tuning (CE, --steps, lr 1e-4)")
+    parser.add_argument("--name", default="compress", help="results file stem under --out")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows (and dense rows) of an earlier NAME.json of the same settings and run "
+                             "only the missing ones")
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained method")
     parser.add_argument("--train-seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -109,6 +161,7 @@ def main() -> None:
     }
 
     def score(path) -> tuple[float, float]:
+        torch.set_num_threads(os.cpu_count() or 1)  # scoring is not timed; the timed work runs in its own process
         model = load_model(path)
         a = perplexity(model, heldout, batch_size=4, progress=False).perplexity
         b = perplexity(model, humaneval, batch_size=4, progress=False).perplexity
@@ -116,10 +169,23 @@ def main() -> None:
 
     def write() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "compress.md").write_text(markdown(report) + "\n")
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(report) + "\n")
 
-    if args.dense_from is not None:
+    earlier_report = args.out / f"{args.name}.json"
+    if args.append and earlier_report.is_file():
+        earlier = json.loads(earlier_report.read_text())
+        same = ("python_eval_tokens", "humaneval_eval_tokens", "train_tokens_per_trained_method")
+        if any(earlier.get(k) != report[k] for k in same):
+            parser.error(f"{earlier_report} was measured with other settings; drop --append or change --name")
+        report["rows"] = earlier["rows"]
+        report["keeps"] = sorted(set(earlier["keeps"]) | set(args.keeps), reverse=True)
+        for key in ("dense", "dense_finetuned"):
+            if key in earlier:
+                report[key] = earlier[key]
+    if "dense" in report:
+        py, he = report["dense"]["python_ppl"], report["dense"]["humaneval_ppl"]
+    elif args.dense_from is not None:
         earlier = json.loads(args.dense_from.read_text())
         if (earlier["python_eval_tokens"], earlier["humaneval_eval_tokens"]) != (heldout.scored_tokens, humaneval.scored_tokens):
             parser.error(f"{args.dense_from} scored other data; drop --dense-from")
@@ -138,10 +204,29 @@ def main() -> None:
         if not sep or not rest.split():
             parser.error(f"--variant {spec!r}: expected LABEL=METHOD [OPTIONS]")
         variants[label] = shlex.split(rest)
-    labels = [m for m in args.methods if m in ("svd-llm", "svd-llm+ft")] + list(variants)
+    finetunes = {}
+    for spec in args.finetune_variant:
+        label, sep, rest = spec.partition("=")
+        base, *extra = shlex.split(rest) if sep else [""]
+        if not base or base not in (*args.methods, *variants):
+            parser.error(f"--finetune-variant {spec!r}: expected LABEL=BASE [OPTIONS], BASE a label run before it")
+        finetunes[label] = (base, extra)
+    labels = [m for m in args.methods if m in ("svd-llm", "svd-llm+ft")] + list(variants) + list(finetunes)
+    if args.dense_finetune and "dense_finetuned" not in report:
+        tuned = dense_finetune(args.steps, args.train_seq_len, 1e-4)
+        model = tuned.pop("model")
+        report["dense_finetuned"] = {
+            "python_ppl": perplexity(model, heldout, batch_size=4, progress=False).perplexity,
+            "humaneval_ppl": perplexity(model, humaneval, batch_size=4, progress=False).perplexity,
+            "train_tokens": tokens, **tuned}
+        del model
+        print(f"dense+ft: {json.dumps(report['dense_finetuned'])}", flush=True)
+        write()
     for keep in args.keeps:
         for method in labels:
             out = args.work / f"{method}-{keep}"
+            if any(r["method"] == method and r["keep"] == keep for r in report["rows"]):
+                continue  # measured by an earlier --append run
             options = ""
             if method == "svd-llm":
                 run = run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(out), *common])
@@ -158,6 +243,16 @@ def main() -> None:
                     run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
                 train_tokens = tokens
                 options = f"svd-llm, then finetune {args.steps} steps"
+            elif method in finetunes:
+                base_label, extra = finetunes[method]
+                base = args.work / f"{base_label}-{keep}"
+                prior = next(r for r in report["rows"] if r["method"] == base_label and r["keep"] == keep)
+                run = run_cli(["finetune", str(base), "--steps", str(args.steps), "--seq-len", str(args.train_seq_len),
+                               "--batch-size", str(BATCH), "-o", str(out), *extra, *common])
+                run["seconds"] = round(run["seconds"] + prior["seconds"], 1)
+                run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
+                train_tokens = prior["train_tokens"] + tokens
+                options = " ".join([prior["options"] or base_label, f"+ finetune {args.steps} steps", *extra])
             else:
                 name, *extra = variants[method]
                 options = " ".join([name, *extra])
@@ -165,9 +260,11 @@ def main() -> None:
                 if "--finetune-steps" in extra:
                     ft = int(extra[extra.index("--finetune-steps") + 1])
                     part1 = ["--steps", str(args.steps - ft), "--train-tokens", str(tokens), *trained[2:]]
+                if not getattr(get_method(name), "trainable", False):
+                    part1 = []  # a training-free variant (--allocation loss, --error-aware, ...)
                 run = run_cli(["compress", "--method", name, "--keep", str(keep), "-o", str(out), *part1, *extra,
                                *common])
-                train_tokens = tokens
+                train_tokens = tokens if part1 else 0
             dims = json.loads((out / "basel.json").read_text())
             py, he = score(out)
             row = {
