@@ -116,14 +116,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import ErrorAwareConfig, compress, get_method
     from .data import load_task, pack
     from .models import load_dense, load_tokenizer, resolve_model
-    from .ranks import Budget
+    from .ranks import DEFAULT_ALLOCATION, Budget
 
     ranks = _read_ranks_file(args.ranks) if args.ranks else None
     budget = Budget(
         keep=None if ranks is not None else args.keep,
         ranks=ranks,
         rank_multiple=args.rank_multiple,
-        allocation=args.allocation,
+        allocation=args.allocation or DEFAULT_ALLOCATION,
         force=args.force_rank,
     )
     method = get_method(args.method)
@@ -143,7 +143,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # plain svd needs no data, but loss-aware ranks and the error-aware refit run the calibration data through it
     calibrated = bool(method.needs or error_aware or (ranks is None and budget.allocation == "loss"))
     if calibrated and not task.train:
-        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration")
+        hint = "" if method.needs or error_aware else " (or --allocation uniform, which reads no data)"
+        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration{hint}")
     start = time.perf_counter()
     tokenizer = load_tokenizer(ref.path)
     model = load_dense(ref.path)
@@ -154,7 +155,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         **({"error_aware": {"ls_correction": args.ls_correction, "local_steps": args.local_steps,
                             "local_lr": args.local_lr}} if error_aware else {}),
         "keep": args.keep if ranks is None else None,
-        "allocation": args.allocation if ranks is None else "explicit",
+        "allocation": budget.allocation if ranks is None else "explicit",
         "calibration_tokens": int(calib.input_ids.numel()) if calib is not None else 0,
         "source_model": str(args.model),
         "seconds": round(time.perf_counter() - start, 1),
@@ -384,7 +385,7 @@ def _add_validate_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compress import METHODS
+    from .compress import METHODS, ErrorAwareConfig
     from .compress.basel_cli import _positive_float, add_finetune_parser, add_train_arguments
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
@@ -404,22 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
-        default=DEFAULT_ALLOCATION,
-        help="rank allocation of SVD-family methods and of basel/bsi --prune-mode budget: uniform (measured best "
-        "at keep <= 0.6, eval/results/baselines.md), global (each matrix's share of its energy) or, SVD-family "
-        "only, loss (truncation errors weighted by each output's loss gradient)",
+        default=None,
+        help=f"rank allocation: loss (SVD-family only and their default, {DEFAULT_ALLOCATION!r}: each basis's "
+        "truncation error weighted by its output's loss gradient on the calibration data; measured best, README "
+        "\"Compression quality\"), uniform (the same fraction everywhere; basel/bsi --prune-mode budget default) "
+        "or global (each matrix's share of its own energy)",
     )
     p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
     p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)
     p.add_argument("--error-aware", action=argparse.BooleanOptionalAction, default=False,
                    help="SVD-family methods: fit each layer's factors, in order, to the dense outputs from the "
                         "already-compressed model's inputs (README \"Error-aware truncation\")")
-    p.add_argument("--ls-correction", type=_unit_float, default=1.0,
-                   help="--error-aware: blend of the least-squares target, 0 (re-weight only) .. 1 (full fit)")
-    p.add_argument("--local-steps", type=_non_negative_int, default=0,
+    p.add_argument("--ls-correction", type=_unit_float, default=ErrorAwareConfig.correction,
+                   help="--error-aware: blend of the least-squares target, 0 (re-weight only, the default: measured "
+                        "better) .. 1 (full fit)")
+    p.add_argument("--local-steps", type=_non_negative_int, default=ErrorAwareConfig.local_steps,
                    help="--error-aware: Adam steps per layer training its factors to reproduce the dense layer's "
                         "output (block-wise local distillation; 0: closed form only)")
-    p.add_argument("--local-lr", type=_positive_float, default=1e-4, help="--error-aware: learning rate of --local-steps")
+    p.add_argument("--local-lr", type=_positive_float, default=ErrorAwareConfig.local_lr,
+                   help="--error-aware: learning rate of --local-steps")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("-o", "--output", type=Path, required=True)

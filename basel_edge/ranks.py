@@ -14,8 +14,10 @@ from .lowrank import DEFAULT_RANK_MULTIPLE, check_rank, max_useful_rank, round_r
 # uniform: the same fraction everywhere; global: greedy over each matrix's share of its own importance; loss:
 # greedy over the importances as given (the caller scales them into estimated loss increases)
 ALLOCATIONS = ("global", "uniform", "loss")
-# uniform measured best for SVD-LLM at keep <= 0.6 (eval/results/baselines.md); the CLI and BaselConfig use it too
-DEFAULT_ALLOCATION = "uniform"
+# loss measured best for the SVD-family methods on SmolLM2 at keep 0.5 and 0.4, training-free and after the same
+# fine-tuning (eval/results/compress-ablation.md, README "Compression quality"); it needs calibration data. Basel
+# and BSI prune by their own scores and keep their own default (BaselConfig.allocation).
+DEFAULT_ALLOCATION = "loss"
 
 
 @dataclass

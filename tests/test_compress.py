@@ -93,6 +93,22 @@ def test_cli_loss_allocation_calibrates_even_a_method_that_needs_no_data(tiny_ll
     assert ranks["loss"] != ranks["uniform"]  # loss may even keep a matrix dense (no entry)
 
 
+def test_cli_svd_family_defaults_to_loss_allocation_and_says_how_to_run_without_data(tiny_llama, tiny_text_data,
+                                                                                       tmp_path, capsys):
+    """loss allocation is the measured default of the SVD family (README "Compression quality"); it reads the
+    calibration data, so an evaluation-only task is refused with the data-free alternative named."""
+    out = tmp_path / "default"
+    assert main(["compress", str(tiny_llama), "--method", "svd-llm", "--data", str(tiny_text_data), "--keep", "0.5",
+                 "--rank-multiple", "8", "-o", str(out), "--quiet"]) == 0
+    assert json.loads((out / "basel.json").read_text())["extra"]["allocation"] == "loss"
+    assert main(["compress", str(tiny_llama), "--method", "svd", "--task", "humaneval", "--keep", "0.5",
+                 "--rank-multiple", "8", "-o", str(tmp_path / "he"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--allocation uniform" in err and err.count("\n") == 1 and not (tmp_path / "he").exists()
+    assert main(["compress", str(tiny_llama), "--method", "svd", "--task", "humaneval", "--keep", "0.5",
+                 "--rank-multiple", "8", "--allocation", "uniform", "-o", str(tmp_path / "he"), "--quiet"]) == 0
+
+
 def test_output_gradients_are_collected_for_every_linear(tiny_llama, calib):
     model = load_dense(tiny_llama)
     stats = collect(model, calib, frozenset({"outgrad"}), progress=False)

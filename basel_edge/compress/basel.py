@@ -45,7 +45,7 @@ from ..lowrank import (
     set_module,
     svd_factors,
 )
-from ..ranks import ALLOCATIONS, DEFAULT_ALLOCATION, Budget, MatrixScores, allocate, uniform_ranks
+from ..ranks import ALLOCATIONS, Budget, MatrixScores, allocate, uniform_ranks
 from ..train import LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
@@ -71,7 +71,7 @@ class BaselConfig:
     keep: float = 0.5
     mode: str = "budget"
     mass: float = 0.5
-    allocation: str = DEFAULT_ALLOCATION
+    allocation: str = "uniform"  # measured better than global for Basel (README); loss is the SVD family's
     importance: str = "coefficient"
     basis: str = "svd-llm"
     r_add: int = 32

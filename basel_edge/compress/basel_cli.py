@@ -104,7 +104,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
     seq_len, batch = args.train_seq_len, args.train_batch_size
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     cfg = BaselConfig(
-        keep=args.keep, mode=args.prune_mode, mass=args.mass, allocation=args.allocation, importance=method.importance, basis=args.basis,
+        keep=args.keep, mode=args.prune_mode, mass=args.mass, **({'allocation': args.allocation} if args.allocation else {}), importance=method.importance, basis=args.basis,
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
         prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
         bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
