@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from basel_edge.checkpoint import load_model
 from basel_edge.compress import get_method
 from basel_edge.data import TokenBlocks, load_task, pack
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from basel_edge.eval.harness import cpu_model
 from basel_edge.perplexity import perplexity
 
 RESULTS = Path(__file__).parent / "results"
@@ -153,7 +153,7 @@ def main() -> None:
         "python_eval_tokens": heldout.scored_tokens,
         "humaneval_eval_tokens": humaneval.scored_tokens,
         "threads": 1,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "keeps": args.keeps,
