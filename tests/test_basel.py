@@ -283,6 +283,7 @@ def test_cli_basel_then_finetune(capsys, tiny_llama, tiny_text_data, tmp_path):
         (["--basis", "nope"], "unknown basis"),
         (["--keep", "0.05"], "keep"),
         (["--allocation", "loss"], "SVD-family"),
+        (["--error-aware"], "SVD-family"),
     ],
 )
 def test_cli_basel_user_errors(capsys, tiny_llama, tiny_text_data, tmp_path, extra, fragment):

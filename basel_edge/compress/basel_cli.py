@@ -101,10 +101,14 @@ def run_compress(args: argparse.Namespace, method) -> int:
 
     if args.ranks:
         raise UserError(f"--ranks is not supported by '{method.name}'; give --keep (or --prune-mode mass)")
+    if args.error_aware:
+        raise UserError(f"--error-aware refits the SVD-family methods' factors; '{method.name}' starts from the plain "
+                        "--basis bases (error-aware bases for it are not implemented)")
     seq_len, batch = args.train_seq_len, args.train_batch_size
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     cfg = BaselConfig(
-        keep=args.keep, mode=args.prune_mode, mass=args.mass, **({'allocation': args.allocation} if args.allocation else {}), importance=method.importance, basis=args.basis,
+        keep=args.keep, mode=args.prune_mode, mass=args.mass, importance=method.importance, basis=args.basis,
+        **({"allocation": args.allocation} if args.allocation else {}),
         r_add=args.r_add, rank_multiple=args.rank_multiple, steps=steps, keep_steps=args.keep_steps,
         prune_events=args.prune_events, lr=args.lr, lr_add=args.lr_add, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
         bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
