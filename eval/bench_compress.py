@@ -40,6 +40,8 @@ from basel_edge.perplexity import perplexity
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 2
+# the `svd-llm` rows are the plain baseline: uniform ranks, whatever the CLI's default allocation is now
+PLAIN_SVD_LLM = ["--method", "svd-llm", "--allocation", "uniform"]
 
 
 def run_cli(argv: list[str]) -> dict:
@@ -229,12 +231,13 @@ def main() -> None:
                 continue  # measured by an earlier --append run
             options = ""
             if method == "svd-llm":
-                run = run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(out), *common])
+                run = run_cli(["compress", *PLAIN_SVD_LLM, "--keep", str(keep), "-o", str(out), *common])
                 train_tokens = 0
+                options = " ".join(PLAIN_SVD_LLM[1:])
             elif method == "svd-llm+ft":
                 base = args.work / f"svd-llm-{keep}"
                 if not (base / "basel.json").is_file():
-                    run_cli(["compress", "--method", "svd-llm", "--keep", str(keep), "-o", str(base), *common])
+                    run_cli(["compress", *PLAIN_SVD_LLM, "--keep", str(keep), "-o", str(base), *common])
                 prior = next((r for r in report["rows"] if r["method"] == "svd-llm" and r["keep"] == keep), None)
                 run = run_cli(["finetune", str(base), "--steps", str(args.steps), "--seq-len", str(args.train_seq_len),
                                "--batch-size", str(BATCH), "-o", str(out), *common])
@@ -242,7 +245,7 @@ def main() -> None:
                     run["seconds"] = round(run["seconds"] + prior["seconds"], 1)
                     run["peak_rss_mib"] = max(run["peak_rss_mib"], prior["peak_rss_mib"])
                 train_tokens = tokens
-                options = f"svd-llm, then finetune {args.steps} steps"
+                options = f"{' '.join(PLAIN_SVD_LLM[1:])}, then finetune {args.steps} steps"
             elif method in finetunes:
                 base_label, extra = finetunes[method]
                 base = args.work / f"{base_label}-{keep}"
