@@ -1,7 +1,8 @@
 """`basel-edge demo`: the whole pipeline on the embedded SmolLM2-135M, offline.
 
-compress for python-code at keep 0.5 with the method measured best at an equal training budget (SVD-LLM, then
-part-2 fine-tuning of both factors: eval/results/compress.md, where no Basel/BSI setting beat it) → export to
+compress for python-code at keep 0.5 with the method measured best at an equal training budget (SVD-LLM with
+its default loss-aware ranks, then part-2 fine-tuning of both factors: eval/results/compress-ablation.md and
+compress.md, where no Basel/BSI setting beat it) → export to
 every available target with int8 weights → validate everything against the dense model on cpu and mobile (and
 cuda when there is a GPU) → print where the report is. `--method basel|bsi` runs the trained methods instead
 (their part 2 inside the same step budget). `--quick` uses small budgets for a first look.

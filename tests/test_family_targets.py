@@ -71,7 +71,8 @@ def test_adapter_finds_the_projections_shared_inputs_and_head_size(tiny):
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("svd-llm", ["--calib-tokens", "512"]),
+    ("svd-llm", ["--calib-tokens", "512", "--allocation", "uniform"]),
+    ("svd-llm", ["--calib-tokens", "512"]),  # loss-aware ranks (the default) may leave a matrix dense
     ("basel", ["--steps", "6", "--prune-events", "2", "--r-add", "4", "--train-seq-len", "64"]),
     ("bsi", ["--steps", "6", "--prune-events", "2", "--r-add", "4", "--train-seq-len", "64"]),
 ])
@@ -81,7 +82,13 @@ def test_compress_methods_write_a_checkpoint_that_loads(capsys, tiny, tiny_text_
                  "--rank-multiple", "8", "--seq-len", "64", "-o", str(out), "--json", "--quiet", *extra])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
-    assert summary["method"] == method and summary["factorized_linears"] == 14
+    assert summary["method"] == method
+    if "--allocation" in extra or method != "svd-llm":
+        assert summary["factorized_linears"] == 14  # every projection of both layers
+    else:
+        assert 0 < summary["factorized_linears"] <= 14
+    params = summary["decoder_linear_params"]
+    assert params["factorized"] <= 0.5 * params["dense"] + 8 * 14 * 2 * 128  # within a rank multiple per matrix
     ids = stdlib_ids(tiny, 64)
     logits = torch_logits(out, ids)
     assert np.isfinite(logits).all() and logits.shape == (len(ids), len(load_tokenizer(tiny)))
