@@ -11,14 +11,11 @@ import json
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from . import __version__
 from .errors import UserError, read_json
 
-DEFAULT_SEQ_LEN = 512
-DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_EVAL_TOKENS = 32768
 
 
@@ -95,6 +92,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--task", help=f"built-in task: {', '.join(BUILTIN_TASKS)}")
     src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets save_to_disk folder")
+    from .jobs import DEFAULT_SEQ_LEN
+
     p.add_argument("--seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN, help="tokens per packed row")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 
@@ -109,13 +108,8 @@ def _read_ranks_file(path: Path) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    import torch
-
-    from .atomic import check_output_dir
-    from .checkpoint import save_factorized
-    from .compress import ErrorAwareConfig, compress, get_method
-    from .data import load_task, pack
-    from .models import load_dense, load_tokenizer, resolve_model
+    from .compress import ErrorAwareConfig, get_method
+    from .jobs import CompressJob, DataSource, compress_checkpoint
     from .ranks import DEFAULT_ALLOCATION, Budget
 
     ranks = _read_ranks_file(args.ranks) if args.ranks else None
@@ -131,53 +125,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .compress.basel_cli import run_compress
 
         return run_compress(args, method)
-    check_output_dir(args.output, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ref = resolve_model(args.model)
-    if ref.factorized:
-        raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
-    task = load_task(args.task, args.data, seed=args.seed)
     error_aware = ErrorAwareConfig(args.ls_correction, args.batch_size, args.local_steps, args.local_lr) \
         if args.error_aware else None
-    # plain svd needs no data, but loss-aware ranks and the error-aware refit run the calibration data through it
-    calibrated = bool(method.needs or error_aware or (ranks is None and budget.allocation == "loss"))
-    if calibrated and not task.train:
-        hint = "" if method.needs or error_aware else " (or --allocation uniform, which reads no data)"
-        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data for calibration{hint}")
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(ref.path)
-    model = load_dense(ref.path)
-    calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens) if calibrated else None
-    compress(model, method, budget, calibration=calib, progress=not args.quiet, batch_size=args.batch_size,
-             error_aware=error_aware)
-    extra = {
-        **({"error_aware": {"ls_correction": args.ls_correction, "local_steps": args.local_steps,
-                            "local_lr": args.local_lr}} if error_aware else {}),
-        "keep": args.keep if ranks is None else None,
-        "allocation": budget.allocation if ranks is None else "explicit",
-        "calibration_tokens": int(calib.input_ids.numel()) if calib is not None else 0,
-        "source_model": str(args.model),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    dims = save_factorized(
-        model, args.output, ref.path, method.name, task.name, args.rank_multiple, extra, overwrite=args.overwrite
-    )
-    kept = dims.params["factorized"] / dims.params["dense"]
-    summary = {
-        "output": str(args.output),
-        "method": method.name,
-        "factorized_linears": len(dims.linears),
-        "decoder_linear_params": dims.params,
-        "kept_fraction": round(kept, 4),
-        "seconds": extra["seconds"],
-    }
+    summary = compress_checkpoint(CompressJob(
+        output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed), model=args.model,
+        method=method.name, budget=budget, calib_tokens=args.calib_tokens, error_aware=error_aware,
+        batch_size=args.batch_size, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(
-            f"basel-edge: wrote {args.output} ({method.name}, {len(dims.linears)} factorized linears, "
-            f"{kept:.3f} of decoder-linear parameters kept, {extra['seconds']} s)"
+            f"basel-edge: wrote {args.output} ({summary['method']}, {summary['factorized_linears']} factorized "
+            f"linears, {summary['kept_fraction']:.3f} of decoder-linear parameters kept, {summary['seconds']} s)"
         )
     return 0
 
@@ -253,7 +212,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from basel_edge.exporters import get_exporter
+    from basel_edge.exporters import ExportJob, export, get_exporter, parse_keep_8bit
 
     exporter = get_exporter(args.target)
     misplaced = [f"--{d.replace('_', '-')} (--target {name})" for name, dests in args.target_options.items()
@@ -261,9 +220,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if misplaced:
         raise UserError(f"{', '.join(misplaced)}: not {'an option' if len(misplaced) == 1 else 'options'} of "
                         f"--target {args.target}")
-    if args.no_validate and not exporter.target.validates_after_export:
-        raise UserError(f"--no-validate: the {args.target} export runs no checks to skip")
-    return exporter().export(args)
+    job = ExportJob(
+        model=args.model, output=args.output, weights=args.weights, keep_8bit=parse_keep_8bit(args.keep_8bit),
+        validate=not args.no_validate, overwrite=args.overwrite, progress=not args.quiet,
+        options=exporter.options_from({d: getattr(args, d) for d in args.target_options[args.target]}))
+    summary = export(args.target, job, log=(lambda *a: None) if args.json or args.quiet else print)
+    print(json.dumps(summary, indent=2) if args.json else exporter.describe(summary))
+    return 0
 
 
 def _add_export_parser(sub) -> None:
@@ -345,9 +308,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo_parser(sub) -> None:
+    from .ranks import DEFAULT_KEEP
+
     p = sub.add_parser("demo", help="compress, export and validate the embedded SmolLM2 end to end")
     p.add_argument("--quick", action="store_true", help="small budgets: a first look in a few minutes")
-    p.add_argument("--keep", type=_keep, default=0.5)
+    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP)
     p.add_argument("--method", help="compression method (default: svd-llm, then fine-tuned; basel or bsi train instead)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("-o", "--output", type=Path, default=Path("out/demo"))
@@ -387,9 +352,10 @@ def _add_validate_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS, ErrorAwareConfig
     from .compress.basel_cli import _positive_float, add_finetune_parser, add_train_arguments
+    from .jobs import DEFAULT_CALIB_TOKENS, DEFAULT_METHOD
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
-    from .ranks import ALLOCATIONS, DEFAULT_ALLOCATION
+    from .ranks import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_KEEP
 
     parser = _Parser(prog="basel-edge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"basel-edge {__version__}")
@@ -398,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="factorize a dense model for a task")
     add_model_args(p, "embedded name, HF directory or .gguf", default=DEFAULT_MODEL)
     _add_data_args(p)
-    p.add_argument("--method", default="svd-llm", help=f"one of {', '.join(sorted(METHODS))}")
-    p.add_argument("--keep", type=_keep, default=0.5, help="fraction of decoder-linear parameters kept")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP, help="fraction of decoder-linear parameters kept")
     p.add_argument("--ranks", type=Path, help="JSON of explicit ranks per linear name or pattern (instead of --keep)")
     p.add_argument("--rank-multiple", type=_positive_int, default=DEFAULT_RANK_MULTIPLE)
     p.add_argument(

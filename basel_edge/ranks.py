@@ -18,6 +18,7 @@ ALLOCATIONS = ("global", "uniform", "loss")
 # fine-tuning (eval/results/compress-ablation.md, README "Compression quality"); it needs calibration data. Basel
 # and BSI prune by their own scores and keep their own default (BaselConfig.allocation).
 DEFAULT_ALLOCATION = "loss"
+DEFAULT_KEEP = 0.5  # fraction of decoder-linear parameters kept, unless told otherwise (compress, the demo, Basel)
 
 
 @dataclass

@@ -14,16 +14,24 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from basel_edge.errors import UserError
+from basel_edge.jobs import DEFAULT_CALIB_TOKENS, DEFAULT_METHOD
+from basel_edge.ranks import DEFAULT_KEEP
+
+if TYPE_CHECKING:
+    from basel_edge.eval.harness import ValidateConfig
+    from basel_edge.jobs import CompressJob, FinetuneJob, TrainedCompressJob
 
 # Training runs on one thread: on a shared 2-core machine two threads made a step many times slower
 # (basel_cli.py); the SVDs and the validation use --threads.
 TRAIN_THREADS = 1
 # rows of 256 tokens, as the trained methods and eval/bench_compress.py use: ~3 s per step on one core
 TRAIN_SEQ_LEN = 256
+TRAIN_BATCH = 2
 DEMO_MARKER = ".basel-edge-demo"  # in a folder the demo made, so that a rerun may replace its outputs there
 
 
@@ -33,7 +41,7 @@ class DemoConfig:
 
     out: Path
     quick: bool = False
-    keep: float = 0.5
+    keep: float = DEFAULT_KEEP
     threads: int = 2
     method: str | None = None
     overwrite: bool = False  # run in a non-empty folder the demo did not make (its outputs replace same-named ones)
@@ -49,38 +57,62 @@ class DemoConfig:
             get_method(self.method)  # an unknown name is refused here, before the model is materialised
 
     def chosen_method(self) -> str:
-        return self.method or "svd-llm"
+        return self.method or DEFAULT_METHOD
 
     @property
     def train_steps(self) -> int:
         """Training steps of the compression phase (fine-tuning, or Basel part 1 + part 2); none in --quick."""
         return 0 if self.quick else 120
 
-    def compress_args(self) -> list[str]:
-        method = self.chosen_method()
-        args = ["--method", method, "--keep", str(self.keep)]
-        if method in ("basel", "bsi"):
+    def trained(self) -> bool:
+        return self.chosen_method() in ("basel", "bsi")
+
+    def fine_tunes(self) -> bool:
+        """Whether a fine-tuning phase follows the compression (SVD-family methods outside --quick)."""
+        return not self.trained() and self.train_steps > 0
+
+    def compress_job(self, output: Path) -> CompressJob | TrainedCompressJob:
+        """The compression phase: SVD-LLM with its default ranks, or Basel/BSI with part 2 inside the budget."""
+        from basel_edge.compress import get_method
+        from basel_edge.compress.basel import BaselConfig, default_checkpoint_dir
+        from basel_edge.jobs import DEFAULT_CHECKPOINT_EVERY, CompressJob, DataSource, TrainedCompressJob
+        from basel_edge.ranks import Budget
+        from basel_edge.train import LoopConfig
+
+        data = DataSource(task="python-code")
+        if self.trained():
             # the best Basel setting measured at keep 0.4 (eval/results/compress.md): no new bases, lr 1e-2,
             # half the steps in part 1 and half in part 2; training on one thread (see TRAIN_THREADS)
-            args += ["--r-add", "0", "--lr", "1e-2", "--threads", str(TRAIN_THREADS)]
-            if self.quick:
-                return args + ["--steps", "40"]
-            half = self.train_steps // 2
-            return args + ["--steps", str(half), "--finetune-steps", str(half),
-                           "--train-tokens", str(self.train_steps * 2 * 256)]
-        return args + ["--threads", str(self.threads), "--calib-tokens", "2048" if self.quick else "16384"]
+            steps = 40 if self.quick else self.train_steps // 2
+            basel = BaselConfig(keep=self.keep, importance=get_method(self.chosen_method()).importance, r_add=0,
+                                lr=1e-2, steps=steps, finetune_steps=0 if self.quick else self.train_steps - steps)
+            return TrainedCompressJob(
+                output=output, data=data, basel=basel,
+                loop=LoopConfig(steps=steps, batch_size=TRAIN_BATCH, checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
+                                checkpoint_dir=default_checkpoint_dir(output)),
+                train_seq_len=TRAIN_SEQ_LEN, threads=TRAIN_THREADS, overwrite=True,
+                train_tokens=None if self.quick else self.train_steps * TRAIN_BATCH * TRAIN_SEQ_LEN)
+        return CompressJob(output=output, data=data, method=self.chosen_method(), budget=Budget(keep=self.keep),
+                           calib_tokens=2048 if self.quick else DEFAULT_CALIB_TOKENS, threads=self.threads,
+                           overwrite=True)
 
-    def finetune_args(self) -> list[str]:
-        """`basel-edge finetune` options after an SVD-family compression (empty: no fine-tuning)."""
-        if self.chosen_method() in ("basel", "bsi") or not self.train_steps:
-            return []
-        return ["--task", "python-code", "--steps", str(self.train_steps), "--seq-len", str(TRAIN_SEQ_LEN),
-                "--threads", str(TRAIN_THREADS)]
+    def finetune_job(self, model: Path, output: Path) -> FinetuneJob | None:
+        """Fine-tuning after an SVD-family compression (None: no fine-tuning phase)."""
+        from basel_edge.jobs import DataSource, FinetuneJob
 
-    def validate_args(self) -> list[str]:
-        if self.quick:
-            return ["--eval-tokens", "1024", "--new-tokens", "16", "--reps", "1"]
-        return ["--eval-tokens", "8192", "--new-tokens", "32", "--reps", "3"]
+        if not self.fine_tunes():
+            return None
+        return FinetuneJob(model=str(model), output=output, data=DataSource(task="python-code", seq_len=TRAIN_SEQ_LEN),
+                           steps=self.train_steps, batch_size=TRAIN_BATCH, threads=TRAIN_THREADS, overwrite=True)
+
+    def validate_config(self, baseline: Path, artifacts: list[str], out: Path) -> ValidateConfig:
+        from basel_edge.eval.harness import ValidateConfig
+
+        backends = ["cpu", "mobile"] + (["cuda"] if torch.cuda.is_available() else [])
+        budget = dict(eval_tokens=1024, new_tokens=16, reps=1) if self.quick else dict(eval_tokens=8192, new_tokens=32,
+                                                                                       reps=3)
+        return ValidateConfig(baseline=str(baseline), artifacts=artifacts, out=out, backends=backends,
+                              threads=self.threads, **budget)
 
 
 def _phase(index: int, total: int, text: str) -> float:
@@ -103,9 +135,10 @@ def claim_output(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run every phase; returns the report folder."""
+    """Run every phase through the library's typed jobs; returns the report folder."""
     from basel_edge import exporters
-    from basel_edge.cli import main
+    from basel_edge.eval.harness import run_validation
+    from basel_edge.jobs import compress_checkpoint, finetune_checkpoint
     from basel_edge.models import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
@@ -115,16 +148,17 @@ def run_demo(cfg: DemoConfig) -> Path:
     dense = resolve_model(DEFAULT_MODEL).path
     print(f"dense model: {dense} ({time.perf_counter() - t:.0f} s)")
 
-    fact = out / f"smollm2-135m-{cfg.chosen_method()}{'-ft' if cfg.finetune_args() else ''}-{cfg.keep}"
+    tunes = cfg.fine_tunes()
+    fact = out / f"smollm2-135m-{cfg.chosen_method()}{'-ft' if tunes else ''}-{cfg.keep}"
     t = _phase(2, 4, f"compress for python-code with {cfg.chosen_method()} at keep {cfg.keep}"
-                     + (f", then fine-tune {cfg.train_steps} steps" if cfg.finetune_args() else ""))
-    compressed = fact.with_name(fact.name + ".untuned") if cfg.finetune_args() else fact
-    code = main(["compress", "--model", DEFAULT_MODEL, "--task", "python-code", *cfg.compress_args(), "-o", str(compressed), "--overwrite"])
-    if code == 0 and cfg.finetune_args():
-        code = main(["finetune", str(compressed), *cfg.finetune_args(), "-o", str(fact), "--overwrite"])
+                     + (f", then fine-tune {cfg.train_steps} steps" if tunes else ""))
+    compressed = fact.with_name(fact.name + ".untuned") if tunes else fact
+    summary = compress_checkpoint(cfg.compress_job(compressed))
+    print(f"wrote {compressed} ({summary['kept_fraction']:.3f} of decoder-linear parameters kept)")
+    if tunes:
+        tuned = finetune_checkpoint(cfg.finetune_job(compressed, fact))
+        print(f"fine-tuned on {tuned['train_tokens']} tokens (final loss {tuned['final_loss']:.4f}): {fact}")
         shutil.rmtree(compressed, ignore_errors=True)
-    if code != 0:
-        raise UserError("compression failed; see the message above")
     print(f"compressed in {time.perf_counter() - t:.0f} s")
 
     t = _phase(3, 4, "export to every available target with int8 weights")
@@ -134,19 +168,20 @@ def run_demo(cfg: DemoConfig) -> Path:
             print(f"skip {target.name} in --quick: {target.slow}")
             continue
         dest = out / target.output_name(fact.name)
-        code = main(["export", "--target", target.name, str(fact), "-o", str(dest), "--weights", target.int8_weights,
-                     "--overwrite"])
-        if code == 0:
-            artifacts.append(f"{dest}@{fact}")
-        else:
-            print(f"export to {target.name} failed (exit {code}); it is left out of the report")
+        try:
+            summary = exporters.export(target.name, exporters.ExportJob(
+                model=fact, output=dest, weights=target.int8_weights, overwrite=True))
+        except UserError as exc:
+            print(f"export to {target.name} failed: {exc}; it is left out of the report")
+            continue
+        print(exporters.get_exporter(target.name).describe(summary))
+        artifacts.append(f"{dest}@{fact}")
     print(f"exported in {time.perf_counter() - t:.0f} s")
 
     t = _phase(4, 4, "validate against the dense model")
-    backends = ["cpu", "mobile"] + (["cuda"] if torch.cuda.is_available() else [])
     report = out / "report"
-    main(["validate", "--baseline", str(dense), *artifacts, "--backends", ",".join(backends),
-          "--threads", str(cfg.threads), *cfg.validate_args(), "-o", str(report)])
+    run_validation(cfg.validate_config(dense, artifacts, report))
+    print((report / "report.md").read_text())
     if not torch.cuda.is_available():
         print("cuda backend: skipped (no CUDA GPU on this machine)")
     print(f"\nbasel-edge demo finished in {(time.perf_counter() - start) / 60:.1f} min; report: {report}/report.md")

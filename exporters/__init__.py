@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from basel_edge.checkpoint import EXPORT_INFO_FILE
 from basel_edge.errors import UserError
@@ -83,19 +83,72 @@ class Target:
         return stem + self.suffix if self.suffix else f"{stem}-{self.name}"
 
 
+@dataclass(frozen=True)
+class ExportJob:
+    """What every target's export is asked: the model, the output, the weight format (None: the target's
+    default), what stays 8-bit in a 4-bit format, whether to run the target's own checks afterwards, and the
+    target's own `options` (its `Exporter.Options`; None: their defaults). The CLI parses argv into one of
+    these; the demo and other library callers build it directly."""
+
+    model: str | Path
+    output: Path
+    weights: str | None = None
+    keep_8bit: tuple[str, ...] = ()
+    validate: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        check_keep_8bit(self.keep_8bit)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A target without options of its own."""
+
+
 class Exporter:
-    """One export target: its record, its CLI options and the export itself."""
+    """One export target: its record, its own options (a dataclass, the CLI flags made from its fields) and the
+    export itself."""
 
     target: ClassVar[Target]
     description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Target-specific options for `basel-edge export` (refused with any other --target)."""
+        """Target-specific flags of `basel-edge export` (refused with any other --target); their dests are the
+        fields of `Options`."""
 
-    def export(self, args: argparse.Namespace) -> int:
-        """Run the export for parsed CLI arguments; return the exit status."""
+    @classmethod
+    def options_from(cls, values: dict[str, Any]) -> Any:
+        """The target's typed options from parsed flag values by dest."""
+        return cls.Options(**{f.name: values[f.name] for f in fields(cls.Options) if f.name in values})
+
+    def run(self, job: ExportJob, log: Callable[[str], None] = print) -> dict:
+        """Export `job.model` to `job.output` atomically; returns the export's summary (at least `output` and
+        `bytes`), `log` takes its progress lines."""
         raise NotImplementedError
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        """One line for people about a finished export."""
+        return f"basel-edge: wrote {summary['output']} ({summary['bytes']} bytes)"
+
+    def weights(self, job: ExportJob) -> str:
+        return job.weights or self.target.default_weights
+
+
+def export(target: str, job: ExportJob, log: Callable[[str], None] = print) -> dict:
+    """Export with the registered target `target` (library entry point); returns its summary."""
+    exporter = get_exporter(target)
+    if job.options is not None and not isinstance(job.options, exporter.Options):
+        raise UserError(f"the options of a {target} export must be {exporter.Options.__name__}, got "
+                        f"{type(job.options).__name__}")
+    if not job.validate and not exporter.target.validates_after_export:
+        raise UserError(f"--no-validate: the {target} export runs no checks to skip")
+    return exporter().run(job, log=log)
 
 
 KEEP_8BIT_NAMES = ("embedding", "output")  # --keep-8bit items besides layer numbers and projections
@@ -109,7 +162,11 @@ def parse_keep_8bit(text: str | None) -> tuple[str, ...]:
     keeps at 8 bits (the embedding, the lm_head, a projection in every layer, whole layers)."""
     if not text:
         return ()
-    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    return check_keep_8bit(tuple(t.strip() for t in text.split(",") if t.strip()))
+
+
+def check_keep_8bit(items: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse --keep-8bit items that name nothing a 4-bit export could keep at 8 bits."""
     bad = [t for t in items if t not in KEEP_8BIT_NAMES and t not in KEEP_8BIT_PROJECTIONS and not t.isdigit()]
     if bad:
         raise UserError(f"--keep-8bit: {', '.join(bad)} not understood; give embedding, output (the lm_head), "

@@ -20,7 +20,6 @@ the .pte and its eager model, which differ only in float rounding order, agreed 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -43,7 +42,7 @@ from basel_edge.lowrank import LowRankLinear, balance_factors_, set_module, unti
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 from basel_edge.rotation import prepare_for_int8_
 
-from . import EXPORT_INFO_FILE, Exporter, Target, kept_8bit, parse_keep_8bit, register
+from . import EXPORT_INFO_FILE, Exporter, ExportJob, Target, kept_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits, decided_agreement
 
 PTE_FILE = "model.pte"
@@ -536,22 +535,24 @@ class ExecutorchExporter(Exporter):
     )
     description = ".pte with static KV cache for ExecuTorch/XNNPACK; --weights int8 (default, 8da8w) | int4 (8da4w) | fp32"
 
+    @dataclass(frozen=True)
+    class Options:
+        max_seq_len: int = 1024  # static KV cache length
+
     @classmethod
     def add_arguments(cls, parser) -> None:
-        parser.add_argument("--max-seq-len", type=int, default=1024, help="static KV cache length (executorch target)")
+        parser.add_argument("--max-seq-len", type=int, default=cls.Options.max_seq_len,
+                            help="static KV cache length (executorch target)")
 
-    def export(self, args: argparse.Namespace) -> int:
-        keep = parse_keep_8bit(args.keep_8bit)
+    def run(self, job: ExportJob, log=print) -> dict:
+        options = job.options or self.Options()
         config = ExecutorchExportConfig(
-            weights=args.weights or self.target.default_weights,
-            max_seq_len=args.max_seq_len,
-            validate=not args.no_validate,
-            **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
+            weights=self.weights(job), max_seq_len=options.max_seq_len, validate=job.validate,
+            **({"keep_8bit": tuple(k for k in job.keep_8bit if k != "embedding")} if job.keep_8bit else {}),
         )
-        log = (lambda *a: None) if args.json or args.quiet else print
-        info = export_executorch(args.model, args.output, config, overwrite=args.overwrite, log=log)
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            print(f"basel-edge: wrote {args.output} ({info['bytes']} bytes of .pte, {info['export_seconds']} s)")
-        return 0
+        return {"output": str(job.output), **export_executorch(job.model, job.output, config,
+                                                              overwrite=job.overwrite, log=log)}
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return f"basel-edge: wrote {summary['output']} ({summary['bytes']} bytes of .pte, {summary['export_seconds']} s)"

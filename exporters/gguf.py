@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from basel_edge.atomic import chmod_as_new, check_writable_parent, partial_prefix, remove_stale_partials
 from basel_edge.errors import UserError
 
-from . import KEEP_8BIT_PROJECTIONS, Exporter, Target, parse_keep_8bit, register
+from . import KEEP_8BIT_PROJECTIONS, Exporter, ExportJob, Target, register
 from .gguf_format import (
     FORMAT_VERSION,
     FUSED_FIRST_FACTORS,
@@ -415,24 +416,31 @@ class GGUFExporter(Exporter):
     description = (f"llama.cpp GGUF, --weights q8_0 (default) | f16 | f32 | {' | '.join(QUANTIZE_TYPES)} (the last "
                    "made by llama-quantize); factorized layers need the patched llama.cpp")
 
+    @dataclass(frozen=True)
+    class Options:
+        layout: str | None = None  # None: factorized for a factorized checkpoint, dense for a dense one
+        no_fuse: bool = False
+
+        def __post_init__(self) -> None:
+            if self.layout is not None and self.layout not in LAYOUTS:
+                raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout}")
+
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--layout", choices=LAYOUTS, default=None,
+        group.add_argument("--layout", choices=LAYOUTS, default=cls.Options.layout,
                            help="factorized: _lr_a/_lr_b tensors (patched llama.cpp); dense: factors multiplied "
                                 "back, a standard GGUF (default: factorized for a factorized checkpoint)")
         group.add_argument("--no-fuse", action="store_true",
                            help="factorized layout: one _lr_a per projection instead of one for q/k/v and one for "
                                 "gate/up (the unfused form, for comparison)")
 
-    def export(self, args: argparse.Namespace) -> int:
-        summary = export_gguf(
-            args.model, args.output, weights=args.weights or self.target.default_weights, layout=args.layout,
-            overwrite=args.overwrite, progress=not args.quiet, fuse=not args.no_fuse,
-            keep_8bit=parse_keep_8bit(args.keep_8bit),
-        )
-        if args.json:
-            print(json.dumps(summary, indent=2))
-        elif not args.quiet:
-            print(f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['weights']}, "
-                  f"{summary['layout']} layout, {summary['factorized_linears']} factorized linears)")
-        return 0
+    def run(self, job: ExportJob, log=print) -> dict:
+        options = job.options or self.Options()
+        return export_gguf(job.model, job.output, weights=self.weights(job), layout=options.layout,
+                           overwrite=job.overwrite, progress=job.progress, fuse=not options.no_fuse,
+                           keep_8bit=job.keep_8bit)
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return (f"basel-edge: wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['weights']}, "
+                f"{summary['layout']} layout, {summary['factorized_linears']} factorized linears)")

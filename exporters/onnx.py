@@ -15,7 +15,6 @@ embedding Gather is int8 per row with a float scale, done here because the stock
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -37,7 +36,7 @@ from basel_edge.families import family_of
 from basel_edge.lowrank import LowRankLinear, balance_factors_, untie_embeddings_
 from basel_edge.models import copy_tokenizer_files, load_tokenizer, resolve_model
 
-from . import EXPORT_INFO_FILE, Exporter, Target, kept_8bit, parse_keep_8bit, register
+from . import EXPORT_INFO_FILE, Exporter, ExportJob, Target, kept_8bit, register
 from .validation import VALIDATION_PROMPTS, ValidationReport, compare_logits
 
 ONNX_FILE = "model.onnx"
@@ -407,20 +406,23 @@ class OnnxExporter(Exporter):
     )
     description = "decoder with KV cache for onnxruntime; --weights int8 (default) | int4 | fp32"
 
+    @dataclass(frozen=True)
+    class Options:
+        opset: int = DEFAULT_OPSET
+
     @classmethod
     def add_arguments(cls, parser) -> None:
-        parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (onnx target)")
+        parser.add_argument("--opset", type=int, default=cls.Options.opset, help="ONNX opset (onnx target)")
 
-    def export(self, args: argparse.Namespace) -> int:
-        keep = parse_keep_8bit(args.keep_8bit)
+    def run(self, job: ExportJob, log=print) -> dict:
+        options = job.options or self.Options()
         config = OnnxExportConfig(
-            weights=args.weights or self.target.default_weights, opset=args.opset, validate=not args.no_validate,
-            **({"keep_8bit": tuple(k for k in keep if k != "embedding")} if keep else {}),
+            weights=self.weights(job), opset=options.opset, validate=job.validate,
+            **({"keep_8bit": tuple(k for k in job.keep_8bit if k != "embedding")} if job.keep_8bit else {}),
         )
-        log = (lambda *a: None) if args.json or args.quiet else print
-        info = export_onnx(args.model, args.output, config, overwrite=args.overwrite, log=log)
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            print(f"basel-edge: wrote {args.output} ({info['bytes']} bytes of ONNX, {info['export_seconds']} s)")
-        return 0
+        return {"output": str(job.output), **export_onnx(job.model, job.output, config, overwrite=job.overwrite,
+                                                        log=log)}
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return f"basel-edge: wrote {summary['output']} ({summary['bytes']} bytes of ONNX, {summary['export_seconds']} s)"

@@ -4,13 +4,13 @@ Importing this module registers both; nothing else in the repo names it."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from basel_edge import exporters
 from basel_edge import runtimes
-from basel_edge.exporters import Exporter, Target
+from basel_edge.exporters import Exporter, ExportJob, Target
 from basel_edge.runtimes.torch_eager import TorchRuntime
 
 MARKER = "model.fake"
@@ -26,17 +26,20 @@ class FakeExporter(Exporter):
     )
     description = "a copy of the checkpoint, for the registry test"
 
+    @dataclass(frozen=True)
+    class Options:
+        fake_note: str = ""
+
     @classmethod
     def add_arguments(cls, parser) -> None:
-        parser.add_argument("--fake-note", default="", help="written into the marker (fake target)")
+        parser.add_argument("--fake-note", default=cls.Options.fake_note, help="written into the marker (fake target)")
 
-    def export(self, args: argparse.Namespace) -> int:
+    def run(self, job: ExportJob, log=print) -> dict:
         from basel_edge.models import resolve_model
 
-        shutil.copytree(resolve_model(args.model).path, args.output)
-        (Path(args.output) / MARKER).write_text(args.fake_note)
-        print(f"basel-edge: wrote {args.output} (fake)")
-        return 0
+        shutil.copytree(resolve_model(job.model).path, job.output)
+        (Path(job.output) / MARKER).write_text((job.options or self.Options()).fake_note)
+        return {"output": str(job.output), "bytes": self.target.bytes_on_disk(Path(job.output))}
 
 
 @runtimes.register

@@ -8,30 +8,34 @@ from basel_edge.errors import UserError
 from basel_edge.eval.demo import TRAIN_THREADS, DemoConfig
 
 
-def _value(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+def test_full_demo_fine_tunes_the_svd_llm_model_on_one_thread(tmp_path):
+    from basel_edge.jobs import CompressJob
 
-
-def test_full_demo_fine_tunes_the_svd_llm_model_on_one_thread():
     cfg = DemoConfig(out=Path("x"))
-    assert _value(cfg.compress_args(), "--method") == "svd-llm"
-    ft = cfg.finetune_args()
-    assert int(_value(ft, "--steps")) == cfg.train_steps > 0
-    assert int(_value(ft, "--threads")) == TRAIN_THREADS
+    job = cfg.compress_job(tmp_path / "c")
+    assert isinstance(job, CompressJob) and job.method == "svd-llm" and job.budget.keep == cfg.keep
+    ft = cfg.finetune_job(tmp_path / "c", tmp_path / "f")
+    assert ft.steps == cfg.train_steps > 0 and ft.threads == TRAIN_THREADS and ft.model == str(tmp_path / "c")
 
 
-def test_quick_demo_does_not_train():
+def test_quick_demo_does_not_train(tmp_path):
     cfg = DemoConfig(out=Path("x"), quick=True)
-    assert cfg.finetune_args() == [] and "--finetune-steps" not in cfg.compress_args()
+    assert cfg.finetune_job(tmp_path / "c", tmp_path / "f") is None
+    trained = DemoConfig(out=Path("x"), quick=True, method="basel").compress_job(tmp_path / "c")
+    assert trained.basel.finetune_steps == 0
 
 
-def test_basel_demo_splits_the_same_step_budget_between_part_1_and_part_2():
+def test_basel_demo_splits_the_same_step_budget_between_part_1_and_part_2(tmp_path):
+    from basel_edge.jobs import TrainedCompressJob
+
     cfg = DemoConfig(out=Path("x"), method="basel")
-    args = cfg.compress_args()
-    assert args.count("--steps") == 1
-    assert int(_value(args, "--steps")) + int(_value(args, "--finetune-steps")) == cfg.train_steps
-    assert int(_value(args, "--train-tokens")) == cfg.train_steps * 2 * 256
-    assert cfg.finetune_args() == []
+    job = cfg.compress_job(tmp_path / "c")
+    assert isinstance(job, TrainedCompressJob) and job.method == "basel" and job.basel.r_add == 0
+    assert job.basel.steps == job.loop.steps and job.basel.steps + job.basel.finetune_steps == cfg.train_steps
+    assert job.train_tokens == cfg.train_steps * 2 * 256
+    assert job.loop.checkpoint_dir is not None and job.threads == TRAIN_THREADS
+    assert cfg.finetune_job(tmp_path / "c", tmp_path / "f") is None
+    assert DemoConfig(out=Path("x"), method="bsi").compress_job(tmp_path / "c").method == "bsi"
 
 
 @pytest.mark.parametrize("bad", [dict(keep=0.0), dict(keep=1.5), dict(threads=0)])

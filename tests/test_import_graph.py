@@ -120,3 +120,15 @@ def test_one_import_root():
     offenders = {str(p.relative_to(ROOT)): sorted(m for m in _every_import(p) if m.split(".")[0] in old_roots)
                  for p in files}
     assert not {f: m for f, m in offenders.items() if m}
+
+
+def test_the_demo_calls_library_functions_not_the_cli():
+    """The demo builds typed jobs (basel_edge.jobs, exporters.ExportJob, ValidateConfig) instead of argv for
+    `basel_edge.cli.main`, anywhere in the file (function bodies included)."""
+    modules = _modules()
+    tree = ast.parse(modules["basel_edge.eval.demo"].read_text())
+    imports = _every_import(modules["basel_edge.eval.demo"]) | {
+        f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names}
+    assert not any(m == "basel_edge.cli" or m.startswith("basel_edge.cli.") for m in imports)
+    assert {"basel_edge.jobs", "basel_edge.exporters", "basel_edge.eval.harness"} <= imports

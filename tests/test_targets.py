@@ -69,3 +69,21 @@ def test_an_option_of_one_target_is_refused_with_another(fake_target, tiny_llama
     assert not dest.exists()
     code = main(["export", "--target", "gguf", str(tiny_llama), "-o", str(dest), "--no-validate"])
     assert code == 2 and "--no-validate" in capsys.readouterr().err and not dest.exists()
+
+
+def test_the_library_entry_takes_a_typed_job_and_the_targets_own_options(fake_target, tiny_llama, tmp_path):
+    """What the demo calls: `exporters.export(name, ExportJob)`, no argv; a target's options are its dataclass."""
+    from basel_edge.errors import UserError
+
+    out = tmp_path / "lib-fake"
+    options = fake_target.FakeExporter.Options(fake_note="typed")
+    summary = exporters.export("fake", exporters.ExportJob(model=str(tiny_llama), output=out, options=options),
+                               log=lambda *a: None)
+    assert summary["output"] == str(out) and summary["bytes"] > 0
+    assert (out / fake_target.MARKER).read_text() == "typed"
+    onnx_options = exporters.get_exporter("onnx").Options()
+    with pytest.raises(UserError, match="FakeExporter|Options"):
+        exporters.export("fake", exporters.ExportJob(model=str(tiny_llama), output=tmp_path / "y", options=onnx_options))
+    with pytest.raises(UserError, match="keep-8bit"):
+        exporters.ExportJob(model=str(tiny_llama), output=tmp_path / "z", keep_8bit=("nonsense",))
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

@@ -45,7 +45,7 @@ from ..lowrank import (
     set_module,
     svd_factors,
 )
-from ..ranks import ALLOCATIONS, Budget, MatrixScores, allocate, uniform_ranks
+from ..ranks import ALLOCATIONS, DEFAULT_KEEP, Budget, MatrixScores, allocate, uniform_ranks
 from ..train import LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
@@ -68,7 +68,7 @@ class BaselConfig:
     (whitened) starts from a far better truncation, which matters with CPU-sized training budgets.
     """
 
-    keep: float = 0.5
+    keep: float = DEFAULT_KEEP
     mode: str = "budget"
     mass: float = 0.5
     allocation: str = "uniform"  # measured better than global for Basel (README); loss is the SVD family's

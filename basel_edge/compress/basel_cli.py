@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
+from ..jobs import DEFAULT_CHECKPOINT_EVERY, DEFAULT_TRAIN_BATCH, DEFAULT_TRAIN_SEQ_LEN
 
 
 def _positive_float(value: str) -> float:
@@ -26,9 +25,6 @@ def _positive_float(value: str) -> float:
 # loaded 2-core machine (measured ~5 s per step at one thread, see README "Basel"): 160 steps of 2 rows of
 # 256 tokens = 81,920 training tokens.
 DEFAULT_STEPS = 160
-DEFAULT_TRAIN_SEQ_LEN = 256
-DEFAULT_TRAIN_BATCH = 2
-DEFAULT_CHECKPOINT_EVERY = 10
 LOSS_HELP = ("what training minimises: ce (task cross-entropy), kl (distillation: KL from the dense model's "
              "next-token distribution) or kl+ce (their sum)")
 
@@ -80,31 +76,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
 
 
-def _train_blocks(task, tokenizer, seq_len: int, tokens: int):
-    from ..data import pack
-
-    if not task.train:
-        raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data")
-    return pack(task.train, tokenizer, seq_len, max_tokens=tokens)
-
-
 def run_compress(args: argparse.Namespace, method) -> int:
-    """`basel-edge compress --method basel|bsi`: train, prune, re-factor, write the factorized checkpoint."""
-    import torch
-
-    from ..atomic import check_output_dir
-    from ..checkpoint import save_factorized
-    from ..data import load_task, pack
-    from ..models import load_dense, load_tokenizer, resolve_model
-    from ..train import LoopConfig, peak_rss_mib
-    from .basel import BaselConfig, default_checkpoint_dir, run_basel
+    """`basel-edge compress --method basel|bsi`: parse the options into a TrainedCompressJob and run it."""
+    from ..jobs import DataSource, TrainedCompressJob, compress_checkpoint
+    from ..train import LoopConfig
+    from .basel import BaselConfig, default_checkpoint_dir
 
     if args.ranks:
         raise UserError(f"--ranks is not supported by '{method.name}'; give --keep (or --prune-mode mass)")
     if args.error_aware:
         raise UserError(f"--error-aware refits the SVD-family methods' factors; '{method.name}' starts from the plain "
-                        "--basis bases (error-aware bases for it are not implemented)")
-    seq_len, batch = args.train_seq_len, args.train_batch_size
+                        "--basis bases (at full rank the error-aware bases are these, README \"Compression quality\")")
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     cfg = BaselConfig(
         keep=args.keep, mode=args.prune_mode, mass=args.mass, importance=method.importance, basis=args.basis,
@@ -114,106 +96,34 @@ def run_compress(args: argparse.Namespace, method) -> int:
         bsi_hessian=args.bsi_hessian, bsi_probes=args.bsi_probes, bsi_first_order=args.bsi_first_order,
         loss=args.loss, train_dense=args.train_dense, dense_lr=args.dense_lr,
     )
-    ckpt_dir = default_checkpoint_dir(args.output)
-    loop = LoopConfig(steps=steps, batch_size=batch, seed=args.seed, device=args.device,
+    loop = LoopConfig(steps=steps, batch_size=args.train_batch_size, seed=args.seed, device=args.device,
                       grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every,
-                      checkpoint_dir=ckpt_dir, resume=args.resume)
-    check_output_dir(args.output, args.overwrite)
-    # One thread unless asked: on a shared 2-core machine two threads made a training step ~13x slower.
-    torch.set_num_threads(args.threads or 1)
-    ref = resolve_model(args.model)
-    if ref.factorized:
-        raise UserError(f"{ref.path} is already factorized; `basel-edge merge` it first or give the dense model")
-    task = load_task(args.task, args.data, seed=args.seed)
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(ref.path)
-    tokens = args.train_tokens or steps * batch * seq_len
-    blocks = _train_blocks(task, tokenizer, seq_len, tokens)
-    model = load_dense(ref.path)
-    from . import METHODS
-
-    calib = None
-    if METHODS[cfg.basis].needs:
-        calib = pack(task.train, tokenizer, args.seq_len, max_tokens=args.calib_tokens)
-    teacher = load_dense(ref.path) if cfg.loss != "ce" else None
-    result = run_basel(model, blocks, cfg, loop, calibration=calib, progress=not args.quiet, teacher=teacher)
-    seconds = round(time.perf_counter() - start, 1)
-    extra = {
-        "keep": args.keep if cfg.mode == "budget" else None,
-        "basel": {k: v for k, v in asdict(cfg).items()},
-        "train_tokens": result.train_tokens,
-        "finetune_tokens": result.finetune_tokens,
-        "resumed_from_step": result.resumed_from,
-        "final_loss": result.last_loss,
-        "source_model": str(args.model),
-        "seconds": seconds,
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-    }
-    dims = save_factorized(model, args.output, ref.path, method.name, task.name, args.rank_multiple, extra,
-                           overwrite=args.overwrite)
-    import shutil
-
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    kept = dims.params["factorized"] / dims.params["dense"]
-    summary = {
-        "output": str(args.output), "method": method.name, "factorized_linears": len(dims.linears),
-        "decoder_linear_params": dims.params, "kept_fraction": round(kept, 4), "seconds": seconds,
-        "train_tokens": result.train_tokens, "peak_rss_mib": extra["peak_rss_mib"],
-    }
+                      checkpoint_dir=default_checkpoint_dir(args.output), resume=args.resume)
+    job = TrainedCompressJob(
+        output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed), basel=cfg, loop=loop,
+        model=args.model, train_seq_len=args.train_seq_len, train_tokens=args.train_tokens,
+        calib_tokens=args.calib_tokens, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    summary = compress_checkpoint(job)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"basel-edge: wrote {args.output} ({method.name}, {len(dims.linears)} factorized linears, "
-              f"{kept:.3f} of decoder-linear parameters kept, {result.train_tokens} training tokens, {seconds} s, "
-              f"peak RSS {extra['peak_rss_mib']:.0f} MiB)")
+        print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['factorized_linears']} factorized "
+              f"linears, {summary['kept_fraction']:.3f} of decoder-linear parameters kept, {summary['train_tokens']} "
+              f"training tokens, {summary['seconds']} s, peak RSS {summary['peak_rss_mib']:.0f} MiB)")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """`basel-edge finetune CKPT`: part 2, fine-tune both factors of every factorized linear."""
-    import torch
+    from ..jobs import DataSource, FinetuneJob, finetune_checkpoint
 
-    from ..atomic import check_output_dir
-    from ..checkpoint import load_factorized, read_dimension_file, save_factorized
-    from ..data import load_task
-    from ..models import load_dense, load_tokenizer, resolve_model
-    from ..train import LoopConfig, Objective, peak_rss_mib
-    from .basel import finetune
-
-    ref = resolve_model(args.model)
-    if not ref.factorized:
-        raise UserError(f"{ref.path} is not a factorized checkpoint; `basel-edge compress` a model first")
-    dims = read_dimension_file(ref.path)
-    teacher_ref = None
-    if args.loss != "ce":
-        source = args.teacher or dims.extra.get("source_model")
-        if not source:
-            raise UserError(f"--loss {args.loss} distils from the dense model, and {ref.path} does not record it; "
-                            "give --teacher DENSE_MODEL")
-        teacher_ref = resolve_model(source)
-        if teacher_ref.factorized:
-            raise UserError(f"--teacher {source} is factorized; give the dense model it was compressed from")
-    loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                      grad_checkpointing=args.grad_checkpointing)
-    check_output_dir(args.output, args.overwrite)
-    torch.set_num_threads(args.threads or 1)
-    task = load_task(args.task, args.data, seed=args.seed)
-    start = time.perf_counter()
-    blocks = _train_blocks(task, load_tokenizer(ref.path), args.seq_len,
-                           args.train_tokens or args.steps * args.batch_size * args.seq_len)
-    model = load_factorized(ref.path)
-    objective = Objective(args.loss, load_dense(teacher_ref.path) if teacher_ref else None)
-    result = finetune(model, blocks, loop, args.lr, progress=not args.quiet, objective=objective)
-    extra = {**dims.extra, "finetune": {"steps": args.steps, "lr": args.lr, "tokens": result.train_tokens,
-                                        "loss": args.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
-                                        "task": task.name, "final_loss": result.last_loss,
-                                        "seconds": round(time.perf_counter() - start, 1),
-                                        "peak_rss_mib": round(peak_rss_mib(), 1)}}
-    method = dims.method if dims.method.endswith("+ft") else f"{dims.method}+ft"
-    save_factorized(model, args.output, ref.path, method, task.name, dims.rank_multiple, extra,
-                    overwrite=args.overwrite)
-    print(f"basel-edge: wrote {args.output} ({method}, {result.train_tokens} fine-tuning tokens, "
-          f"final loss {result.last_loss:.4f})")
+    summary = finetune_checkpoint(FinetuneJob(
+        model=args.model, output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed),
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, train_tokens=args.train_tokens, loss=args.loss,
+        teacher=args.teacher, device=args.device, grad_checkpointing=args.grad_checkpointing, threads=args.threads,
+        overwrite=args.overwrite, progress=not args.quiet))
+    print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
+          f"final loss {summary['final_loss']:.4f})")
     return 0
 
 
