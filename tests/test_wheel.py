@@ -3,13 +3,17 @@
 repo, and carries the files it reads at run time.
 
 The wheel is built from a copy of the working tree (no build/ or egg-info left in the repo) without build
-isolation, and installed with `pip install --target` next to the shadowing package; the test interpreter's
-own site-packages provide the dependencies (torch, transformers, ...), which a fresh venv would download."""
+isolation and installed, non-editable and with the shadowing distribution, into a fresh venv. The venv gets
+the dependencies (torch, transformers, ...) from the test interpreter's site-packages through a `.pth` path
+line instead of downloading them; path lines do not run that site's own `.pth` hooks, so the repo's editable
+install stays invisible and `basel_edge` can only come from the wheel."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import site
+import venv
 import subprocess
 import sys
 import zipfile
@@ -20,6 +24,7 @@ SOURCES = ("basel_edge", "exporters", "runtimes", "eval", "pyproject.toml", "REA
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -49,19 +54,24 @@ def test_wheel_runs_beside_a_distribution_owning_eval(tiny_llama, tmp_path):
     (other / "eval" / "__init__.py").write_text("OWNER = 'other'\n")
     (other / "pyproject.toml").write_text('[project]\nname = "other-eval"\nversion = "1.0"\n'
                                           '[tool.setuptools]\npackages = ["eval"]\n')
-    site = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel),
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    bin_dir = env_dir / ("Scripts" if sys.platform == "win32" else "bin")
+    python = bin_dir / "python"
+    fresh_site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
+    assert not list(fresh_site.glob("basel*")), "the fresh venv already holds basel-edge"
+    (fresh_site / "test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel),
           str(_wheel(other, tmp_path / "dist-other"))])
 
     work = tmp_path / "work"  # not the repo: nothing may come from the checkout
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    where = _run([sys.executable, "-c", "import basel_edge, basel_edge.exporters, eval; "
+    where = _run([str(python), "-c", "import basel_edge, basel_edge.exporters, eval; "
                   "print(basel_edge.__file__); print(basel_edge.exporters.__file__); print(eval.OWNER)"],
-                 cwd=work, env=env).stdout.split()
-    assert where[0].startswith(str(site)) and where[1].startswith(str(site)) and where[2] == "other"
-    assert "export" in _run([sys.executable, "-m", "basel_edge", "--help"], cwd=work, env=env).stdout
+                 cwd=work).stdout.split()
+    assert where[0].startswith(str(fresh_site)) and where[1].startswith(str(fresh_site)) and where[2] == "other"
+    assert "export" in _run([str(bin_dir / "basel-edge"), "--help"], cwd=work).stdout
     out = work / "tiny.gguf"
-    _run([sys.executable, "-m", "basel_edge", "export", "--target", "gguf", str(tiny_llama), "-o", str(out),
-          "--quiet"], cwd=work, env=env)
+    _run([str(bin_dir / "basel-edge"), "export", "--target", "gguf", str(tiny_llama), "-o", str(out), "--quiet"],
+         cwd=work)
     assert out.stat().st_size > 0 and out.read_bytes()[:4] == b"GGUF"
