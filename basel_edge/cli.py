@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from .argtypes import keep_fraction, non_negative_int, positive_float, positive_int, unit_float
 from .errors import UserError, read_json
 
 DEFAULT_EVAL_TOKENS = 32768
@@ -26,45 +27,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _keep(value: str) -> float:
-    try:
-        keep = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep must be a number in (0, 1], got '{value}'") from None
-    if not 0.0 < keep <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep must be in (0, 1], got {value}")
-    return keep
-
-
-def _unit_float(value: str) -> float:
-    """argparse type: a number in [0, 1] (NaN refused)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{value}'") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return x
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{value}'") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
+def _given(**options) -> dict:
+    """The options the user gave (not None), so a config's own defaults apply to the rest: a default lives in
+    the config, not again in the parser."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def add_model_args(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
@@ -94,7 +60,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets save_to_disk folder")
     from .jobs import DEFAULT_SEQ_LEN
 
-    p.add_argument("--seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN, help="tokens per packed row")
+    p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, help="tokens per packed row")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 
 
@@ -264,7 +230,7 @@ def _humaneval_config(args: argparse.Namespace):
     from basel_edge.eval.humaneval import HumanEvalConfig
 
     try:
-        return HumanEvalConfig(limit=args.limit, batch_size=args.batch)
+        return HumanEvalConfig(**_given(limit=args.limit, batch_size=args.batch))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -277,13 +243,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         artifacts=args.artifacts,
         out=args.output,
         backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-        task=args.task if args.task or args.data else "python-code",
-        data=str(args.data) if args.data else None,
-        threads=args.threads,
-        seq_len=args.seq_len,
-        eval_tokens=args.eval_tokens,
-        new_tokens=args.new_tokens,
-        reps=args.reps,
+        **_given(threads=args.threads, seq_len=args.seq_len, eval_tokens=args.eval_tokens, new_tokens=args.new_tokens,
+                 reps=args.reps),
+        **({"task": args.task, "data": str(args.data) if args.data else None} if args.task or args.data else {}),
         compare_to=args.compare_to,
         overwrite=args.overwrite,
         humaneval=_humaneval_config(args),
@@ -302,19 +264,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from basel_edge.eval.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.output, quick=args.quick, keep=args.keep, threads=args.threads, method=args.method,
-                        overwrite=args.overwrite))
+    run_demo(DemoConfig(out=args.output, quick=args.quick, method=args.method, overwrite=args.overwrite,
+                        **_given(keep=args.keep, threads=args.threads)))
     return 0
 
 
 def _add_demo_parser(sub) -> None:
-    from .ranks import DEFAULT_KEEP
-
     p = sub.add_parser("demo", help="compress, export and validate the embedded SmolLM2 end to end")
     p.add_argument("--quick", action="store_true", help="small budgets: a first look in a few minutes")
-    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP)
+    p.add_argument("--keep", type=keep_fraction, help="fraction of decoder-linear parameters kept (default 0.5)")
     p.add_argument("--method", help="compression method (default: svd-llm, then fine-tuned; basel or bsi train instead)")
-    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default 2)")
     p.add_argument("-o", "--output", type=Path, default=Path("out/demo"))
     p.add_argument("--overwrite", action="store_true",
                    help="run in a non-empty folder the demo did not make (a folder it made is reused anyway)")
@@ -329,17 +289,18 @@ def _add_validate_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", help="built-in task (default python-code)")
     src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets folder")
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--eval-tokens", type=_positive_int, default=8192, help="held-out tokens scored for perplexity")
-    p.add_argument("--new-tokens", type=_positive_int, default=32)
-    p.add_argument("--reps", type=_positive_int, default=3)
-    p.add_argument("--threads", type=_positive_int, default=2)
+    # no defaults here: ValidateConfig and HumanEvalConfig hold them; only what the user gives is passed on
+    p.add_argument("--seq-len", type=positive_int, help="tokens per packed row (default 512)")
+    p.add_argument("--eval-tokens", type=positive_int, help="held-out tokens scored for perplexity (default 8192)")
+    p.add_argument("--new-tokens", type=positive_int, help="tokens generated per timing run (default 32)")
+    p.add_argument("--reps", type=positive_int, help="timing repetitions (default 3)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads of every engine (default 2)")
     p.add_argument("--compare-to", type=Path, help="an earlier report.json; flags regressions over 5%%")
     p.add_argument("--humaneval", action="store_true",
                    help="also HumanEval pass@1: greedy generation on each artifact's engine, tests run sandboxed")
-    p.add_argument("--limit", type=_positive_int, help="HumanEval: only the first N of the 164 problems")
-    p.add_argument("--batch", type=_positive_int, default=8, help="HumanEval: sequences generated at once")
-    p.add_argument("--timeout", type=_positive_int,
+    p.add_argument("--limit", type=positive_int, help="HumanEval: only the first N of the 164 problems")
+    p.add_argument("--batch", type=positive_int, help="HumanEval: sequences generated at once (default 8)")
+    p.add_argument("--timeout", type=positive_int,
                    help="seconds one artifact on one backend may take (default 1800; 14400 with --humaneval)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="report folder (an earlier report there is replaced; any other non-empty folder needs --overwrite)")
@@ -351,7 +312,7 @@ def _add_validate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS, ErrorAwareConfig
-    from .compress.basel_cli import _positive_float, add_finetune_parser, add_train_arguments
+    from .compress.basel_cli import add_finetune_parser, add_train_arguments
     from .jobs import DEFAULT_CALIB_TOKENS, DEFAULT_METHOD
     from .lowrank import DEFAULT_RANK_MULTIPLE
     from .models import DEFAULT_MODEL
@@ -365,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, "embedded name, HF directory or .gguf", default=DEFAULT_MODEL)
     _add_data_args(p)
     p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(sorted(METHODS))}")
-    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP, help="fraction of decoder-linear parameters kept")
+    p.add_argument("--keep", type=keep_fraction, default=DEFAULT_KEEP, help="fraction of decoder-linear parameters kept")
     p.add_argument("--ranks", type=Path, help="JSON of explicit ranks per linear name or pattern (instead of --keep)")
-    p.add_argument("--rank-multiple", type=_positive_int, default=DEFAULT_RANK_MULTIPLE)
+    p.add_argument("--rank-multiple", type=positive_int, default=DEFAULT_RANK_MULTIPLE)
     p.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
@@ -378,20 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
         "or global (each matrix's share of its own energy)",
     )
     p.add_argument("--force-rank", action="store_true", help="allow explicit ranks above break-even")
-    p.add_argument("--calib-tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS)
+    p.add_argument("--calib-tokens", type=positive_int, default=DEFAULT_CALIB_TOKENS)
     p.add_argument("--error-aware", action=argparse.BooleanOptionalAction, default=False,
                    help="SVD-family methods: fit each layer's factors, in order, to the dense outputs from the "
                         "already-compressed model's inputs (README \"Error-aware truncation\")")
-    p.add_argument("--ls-correction", type=_unit_float, default=ErrorAwareConfig.correction,
+    p.add_argument("--ls-correction", type=unit_float, default=ErrorAwareConfig.correction,
                    help="--error-aware: blend of the least-squares target, 0 (re-weight only, the default: measured "
                         "better) .. 1 (full fit)")
-    p.add_argument("--local-steps", type=_non_negative_int, default=ErrorAwareConfig.local_steps,
+    p.add_argument("--local-steps", type=non_negative_int, default=ErrorAwareConfig.local_steps,
                    help="--error-aware: Adam steps per layer training its factors to reproduce the dense layer's "
                         "output (block-wise local distillation; 0: closed form only)")
-    p.add_argument("--local-lr", type=_positive_float, default=ErrorAwareConfig.local_lr,
+    p.add_argument("--local-lr", type=positive_float, default=ErrorAwareConfig.local_lr,
                    help="--error-aware: learning rate of --local-steps")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -414,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, "embedded name, dense or factorized checkpoint, or .gguf", default=DEFAULT_MODEL)
     _add_data_args(p)
     p.add_argument("--split", choices=("validation", "train"), default="validation")
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_EVAL_TOKENS)
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_EVAL_TOKENS)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)

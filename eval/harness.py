@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from basel_edge.errors import UserError
 from basel_edge.exporters.validation import compare_logits
+from basel_edge.jobs import DEFAULT_SEQ_LEN
 from basel_edge.runtimes import DEVICES
 from basel_edge.runtimes.isolation import NO_BACKTRACE_ENV, engine_error_line
 
@@ -45,7 +46,7 @@ class ValidateConfig:
     task: str | None = "python-code"
     data: str | None = None
     threads: int = 2
-    seq_len: int = 512
+    seq_len: int = DEFAULT_SEQ_LEN
     eval_tokens: int = 8192
     agreement_tokens: int = 256
     prompt_tokens: int = 64

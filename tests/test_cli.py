@@ -279,3 +279,36 @@ def test_info_reads_the_same_model_either_way(capsys, tiny_llama):
     positional = capsys.readouterr().out
     assert main(["info", "--model", str(tiny_llama), "--json"]) == 0
     assert capsys.readouterr().out == positional and positional.strip()
+
+
+def test_the_parser_takes_its_defaults_from_the_configs(tmp_path, monkeypatch):
+    """A default lives in one place (issue 19): options the user leaves out get the typed config's default,
+    not a second literal in the parser."""
+    import dataclasses
+
+    from basel_edge.cli import build_parser
+    from basel_edge.compress.basel import BaselConfig
+    from basel_edge.eval import harness
+
+    args = build_parser().parse_args(["compress", "--task", "python-code", "-o", str(tmp_path / "x")])
+    basel = BaselConfig()
+    for option, name in [("steps", "steps"), ("prune_events", "prune_events"), ("prune_mode", "mode"),
+                         ("mass", "mass"), ("basis", "basis"), ("r_add", "r_add"), ("lr", "lr"), ("lr_add", "lr_add"),
+                         ("finetune_steps", "finetune_steps"), ("finetune_lr", "finetune_lr"), ("dense_lr", "dense_lr"),
+                         ("bsi_hessian", "bsi_hessian"), ("bsi_probes", "bsi_probes")]:
+        assert getattr(args, option) == getattr(basel, name), option
+
+    seen = {}
+
+    def fake_run(cfg, progress=True):
+        seen["cfg"] = cfg
+        return {"rows": []}
+
+    monkeypatch.setattr(harness, "run_validation", fake_run)
+    baseline = tmp_path / "dense"
+    baseline.mkdir()
+    assert main(["validate", str(tmp_path / "a.gguf"), "--baseline", str(baseline), "-o", str(tmp_path / "r"),
+                 "--json"]) == 0
+    cfg, defaults = seen["cfg"], {f.name: f.default for f in dataclasses.fields(harness.ValidateConfig)}
+    for name in ("threads", "seq_len", "eval_tokens", "new_tokens", "reps", "task", "data"):
+        assert getattr(cfg, name) == defaults[name], name

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from ..argtypes import positive_float
 from ..errors import UserError
 from ..jobs import DEFAULT_CHECKPOINT_EVERY, DEFAULT_TRAIN_BATCH, DEFAULT_TRAIN_SEQ_LEN
 
 
-def _positive_float(value: str) -> float:
-    """argparse type: a finite number above 0 (NaN and inf are refused here, not trained on)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{value}'") from None
-    if not 0 < x < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
-    return x
-
-# CPU defaults sized so `basel-edge compress --method basel` on SmolLM2-135M takes well under 30 minutes on a
-# loaded 2-core machine (measured ~5 s per step at one thread, see README "Basel"): 160 steps of 2 rows of
-# 256 tokens = 81,920 training tokens.
-DEFAULT_STEPS = 160
 LOSS_HELP = ("what training minimises: ce (task cross-entropy), kl (distillation: KL from the dense model's "
              "next-token distribution) or kl+ce (their sum)")
 
@@ -37,38 +23,38 @@ def _add_loss_argument(p: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the trained methods (ignored by the SVD-family ones)."""
+    from .basel import PRUNE_MODES, BaselConfig as C  # its field defaults are the options' defaults
+
     g = p.add_argument_group("trained methods (--method basel / bsi)")
-    g.add_argument("--steps", type=int, default=None, help=f"part-1 optimisation steps (default {DEFAULT_STEPS})")
+    g.add_argument("--steps", type=int, default=C.steps, help=f"part-1 optimisation steps (default {C.steps})")
     g.add_argument("--keep-steps", type=int, default=None, help="steps before the first pruning event (default steps/4)")
-    g.add_argument("--prune-events", type=int, default=4)
-    g.add_argument("--prune-mode", choices=("budget", "mass"), default="budget",
+    g.add_argument("--prune-events", type=int, default=C.prune_events)
+    g.add_argument("--prune-mode", choices=PRUNE_MODES, default=C.mode,
                    help="budget: reach --keep of decoder-linear parameters; mass: keep --mass of each matrix's "
                         "coefficient mass (the paper)")
-    g.add_argument("--mass", type=_positive_float, default=0.5, help="coefficient mass K kept in --prune-mode mass")
-    g.add_argument("--basis", default="svd-llm",
+    g.add_argument("--mass", type=positive_float, default=C.mass, help="coefficient mass K kept in --prune-mode mass")
+    g.add_argument("--basis", default=C.basis,
                    help="SVD-family method supplying the frozen bases (svd = the paper's plain SVD)")
-    g.add_argument("--r-add", type=int, default=32, help="new trainable bases per matrix")
-    # lr 1e-2 / 1e-3: the best of the settings measured at keep 0.4 (README "Basel and BSI"); with Adam the
-    # coefficients (w ~ sqrt σ) hardly move in a CPU-sized number of steps at 1e-3
-    g.add_argument("--lr", type=_positive_float, default=1e-2, help="learning rate of the basis coefficients")
-    g.add_argument("--lr-add", type=_positive_float, default=1e-3, help="learning rate of the new bases")
+    g.add_argument("--r-add", type=int, default=C.r_add, help="new trainable bases per matrix")
+    g.add_argument("--lr", type=positive_float, default=C.lr, help="learning rate of the basis coefficients")
+    g.add_argument("--lr-add", type=positive_float, default=C.lr_add, help="learning rate of the new bases")
     g.add_argument("--train-seq-len", type=int, default=DEFAULT_TRAIN_SEQ_LEN, help="tokens per training row")
     g.add_argument("--train-batch-size", type=int, default=DEFAULT_TRAIN_BATCH, help="training rows per step")
     g.add_argument("--train-tokens", type=int, default=None,
                    help="tokens of task data to draw training rows from (default steps·batch·seq-len)")
-    g.add_argument("--bsi-hessian", choices=("fisher", "hutchinson"), default="fisher",
+    g.add_argument("--bsi-hessian", choices=("fisher", "hutchinson"), default=C.bsi_hessian,
                    help="bsi: diag(H) from the empirical Fisher of per-position gradients (default) or from "
                         "symmetric Hutchinson probes of all coefficients (noisy on real models, README)")
-    g.add_argument("--bsi-probes", type=int, default=4, help="bsi: batches (Fisher) or probes (Hutchinson) per event")
-    g.add_argument("--bsi-first-order", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--bsi-probes", type=int, default=C.bsi_probes, help="bsi: batches (Fisher) or probes (Hutchinson) per event")
+    g.add_argument("--bsi-first-order", action=argparse.BooleanOptionalAction, default=C.bsi_first_order,
                    help="bsi: include the gradient term -g_i c_i of the loss-increase estimate (off: measured "
                         "worse, README)")
-    g.add_argument("--finetune-steps", type=int, default=0, help="part 2: fine-tune both factors afterwards")
-    g.add_argument("--finetune-lr", type=_positive_float, default=1e-4)
+    g.add_argument("--finetune-steps", type=int, default=C.finetune_steps, help="part 2: fine-tune both factors afterwards")
+    g.add_argument("--finetune-lr", type=positive_float, default=C.finetune_lr)
     _add_loss_argument(g)
     g.add_argument("--train-dense", action="store_true",
                    help="part 1 also trains the norms and the embedding (the released Basel code trains all)")
-    g.add_argument("--dense-lr", type=_positive_float, default=1e-5, help="learning rate of --train-dense")
+    g.add_argument("--dense-lr", type=positive_float, default=C.dense_lr, help="learning rate of --train-dense")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
@@ -87,7 +73,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
     if args.error_aware:
         raise UserError(f"--error-aware refits the SVD-family methods' factors; '{method.name}' starts from the plain "
                         "--basis bases (at full rank the error-aware bases are these, README \"Compression quality\")")
-    steps = args.steps if args.steps is not None else DEFAULT_STEPS
+    steps = args.steps
     cfg = BaselConfig(
         keep=args.keep, mode=args.prune_mode, mass=args.mass, importance=method.importance, basis=args.basis,
         **({"allocation": args.allocation} if args.allocation else {}),
@@ -133,7 +119,7 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
     add_data_args(p)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH)
     p.add_argument("--train-tokens", type=int, default=None)
     _add_loss_argument(p)
