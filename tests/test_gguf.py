@@ -425,4 +425,14 @@ def test_validate_compares_a_factorized_gguf_with_the_dense_gguf_of_the_same_for
     assert same["bytes"] == pytest.approx(sizes["fact-q8.gguf"] / sizes["dense-q8.gguf"])
     assert same["perplexity"] == pytest.approx(fact["perplexity"] / rows["dense-q8.gguf"]["perplexity"])
     assert "vs_dense_same_engine" not in rows["dense-q8.gguf"]
+    import jsonschema
+
+    from basel_edge.eval.report import validate_schema
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    validate_schema(report)  # the written report, vs_dense_same_engine included, follows the schema
+    broken = next(r for r in report["rows"] if r["artifact"] == "fact-q8.gguf")
+    del broken["vs_dense_same_engine"]["bytes"]
+    with pytest.raises(jsonschema.ValidationError, match="bytes"):
+        validate_schema(report)
     assert "| fact-q8.gguf | cpu | llama_cpp | q8_0 | dense-q8.gguf |" in (tmp_path / "report" / "report.md").read_text()
