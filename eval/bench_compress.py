@@ -16,6 +16,11 @@ with the same budget, and the dense model with the same fine-tuning; --append ad
       --variant "loss+ea=svd-llm --allocation loss --error-aware --ls-correction 0" \
       --finetune-variant "loss+ft=loss" --finetune-variant "loss+ft-kl=loss --loss kl" \
       --finetune-variant "loss+ea+ft=loss+ea"
+    python -m basel_edge.eval.bench_compress --name compress-ablation --append --steps 120 --keeps 0.5 0.4 --methods \
+      --variant "loss+ea+local=svd-llm --allocation loss --error-aware --ls-correction 0 --local-steps 32 --local-lr 3e-4" \
+      --finetune-variant "loss+ea+local+ft=loss+ea+local"
+
+Rows carry the CPU that timed them, since --append may run on another machine.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from basel_edge.checkpoint import load_model
 from basel_edge.compress import get_method
 from basel_edge.data import TokenBlocks, load_task, pack
+from basel_edge.jobs import DEFAULT_SEQ_LEN
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from basel_edge.eval.harness import cpu_model
 from basel_edge.perplexity import perplexity
@@ -91,25 +97,38 @@ def by_length(blocks: TokenBlocks) -> TokenBlocks:
     return TokenBlocks(blocks.input_ids[order], blocks.labels[order])
 
 
+def local_tokens(options: list[str]) -> int:
+    """Tokens each decoder layer's factors see in `--local-steps` (block-wise local distillation), 0 without it:
+    one calibration batch (`--batch-size` rows of `--seq-len`) per step."""
+    def value(flag: str, default: int) -> int:
+        return int(options[options.index(flag) + 1]) if flag in options else default
+    return value("--local-steps", 0) * value("--batch-size", 4) * value("--seq-len", DEFAULT_SEQ_LEN)
+
+
+def local_note(row: dict) -> str:
+    local = row.get("local_tokens_per_layer")
+    return f" (+{local}/layer local)" if local else ""
+
+
 def markdown(report: dict) -> str:
     keeps = report["keeps"]
     head = ("| method | options | keep | decoder params kept | python-code ppl | humaneval ppl | train tokens | "
-            "wall (s) | peak RSS (MiB) |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "wall (s) | peak RSS (MiB) | CPU |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     d = report["dense"]
-    lines.append(f"| dense | – | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – |")
+    lines.append(f"| dense | – | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – | – |")
     if "dense_finetuned" in report:
         t = report["dense_finetuned"]
         lines.append(f"| dense+ft | finetune every decoder linear, {report['steps']} steps | 1.0 | 1.000 | "
                      f"{t['python_ppl']:.3f} | {t['humaneval_ppl']:.3f} | {t['train_tokens']} | {t['seconds']:.0f} | "
-                     f"{t['peak_rss_mib']:.0f} |")
+                     f"{t['peak_rss_mib']:.0f} | {t.get('cpu', report['cpu'])} |")
     for keep in keeps:
         for r in report["rows"]:
             if r["keep"] != keep:
                 continue
             lines.append(
                 f"| {r['method']} | {r.get('options') or '–'} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
-                f"{r['train_tokens']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
+                f"{r['train_tokens']}{local_note(r)} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r.get('cpu', report['cpu'])} |"
             )
     return "\n".join(lines)
 
@@ -180,11 +199,11 @@ def main() -> None:
         same = ("python_eval_tokens", "humaneval_eval_tokens", "train_tokens_per_trained_method")
         if any(earlier.get(k) != report[k] for k in same):
             parser.error(f"{earlier_report} was measured with other settings; drop --append or change --name")
-        report["rows"] = earlier["rows"]
+        report["rows"] = [{"cpu": earlier["cpu"], **r} for r in earlier["rows"]]  # wall times are per machine
         report["keeps"] = sorted(set(earlier["keeps"]) | set(args.keeps), reverse=True)
         for key in ("dense", "dense_finetuned"):
             if key in earlier:
-                report[key] = earlier[key]
+                report[key] = {"cpu": earlier["cpu"], **earlier[key]} if key == "dense_finetuned" else earlier[key]
     if "dense" in report:
         py, he = report["dense"]["python_ppl"], report["dense"]["humaneval_ppl"]
     elif args.dense_from is not None:
@@ -220,7 +239,7 @@ def main() -> None:
         report["dense_finetuned"] = {
             "python_ppl": perplexity(model, heldout, batch_size=4, progress=False).perplexity,
             "humaneval_ppl": perplexity(model, humaneval, batch_size=4, progress=False).perplexity,
-            "train_tokens": tokens, **tuned}
+            "train_tokens": tokens, "cpu": report["cpu"], **tuned}
         del model
         print(f"dense+ft: {json.dumps(report['dense_finetuned'])}", flush=True)
         write()
@@ -268,11 +287,14 @@ def main() -> None:
                 run = run_cli(["compress", "--method", name, "--keep", str(keep), "-o", str(out), *part1, *extra,
                                *common])
                 train_tokens = tokens if part1 else 0
+            local = local_tokens(variants.get(finetunes[method][0] if method in finetunes else method, []))
             dims = json.loads((out / "basel.json").read_text())
             py, he = score(out)
             row = {
                 "method": method, "keep": keep, "kept": dims["params"]["factorized"] / dims["params"]["dense"],
-                "options": options, "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens, **run,
+                "options": options, "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens,
+                "cpu": report["cpu"], **run,
+                **({"local_tokens_per_layer": local} if local else {}),
             }
             row.pop("stdout")
             report["rows"].append(row)
