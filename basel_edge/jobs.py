@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import UserError
 from .models import DEFAULT_MODEL
 from .ranks import DEFAULT_KEEP, Budget
+from .train import DEFAULT_LOSS
 
 if TYPE_CHECKING:
     from .compress.basel import BaselConfig
@@ -122,7 +123,7 @@ class FinetuneJob:
     lr: float = 1e-4
     batch_size: int = DEFAULT_TRAIN_BATCH
     train_tokens: int | None = None
-    loss: str = "ce"
+    loss: str = DEFAULT_LOSS
     teacher: str | None = None  # default: the model the checkpoint was compressed from
     device: str = "auto"
     grad_checkpointing: bool = False

@@ -46,7 +46,7 @@ from ..lowrank import (
     svd_factors,
 )
 from ..ranks import ALLOCATIONS, DEFAULT_KEEP, Budget, MatrixScores, allocate, uniform_ranks
-from ..train import LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
+from ..train import DEFAULT_LOSS, LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
 from .registry import METHODS, register
@@ -93,7 +93,7 @@ class BaselConfig:
     finetune_lr: float = 1e-4
     basis_dtype: str = "auto"
     # what part 1, the BSI importances and part 2 minimise (train.LOSSES): kl and kl+ce distil from the dense model
-    loss: str = "ce"
+    loss: str = DEFAULT_LOSS
     # part 1 also trains every parameter outside the decoder linears (norms, embedding), as the released Basel
     # code does (all parameters trainable), at `dense_lr`
     train_dense: bool = False

@@ -16,9 +16,9 @@ LOSS_HELP = ("what training minimises: ce (task cross-entropy), kl (distillation
 
 
 def _add_loss_argument(p: argparse.ArgumentParser) -> None:
-    from ..train import LOSSES
+    from ..train import DEFAULT_LOSS, LOSSES
 
-    p.add_argument("--loss", choices=LOSSES, default="ce", help=LOSS_HELP + " (default ce)")
+    p.add_argument("--loss", choices=LOSSES, default=DEFAULT_LOSS, help=LOSS_HELP + f" (default {DEFAULT_LOSS})")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
