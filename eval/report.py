@@ -125,14 +125,16 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     files = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in ok:
-        ax.scatter(r["bytes"] / 2**20, r["perplexity"], marker="*" if r["baseline"] else "o", s=80)
-        ax.annotate(f"{r['artifact']} ({r['engine']}, {r['backend']})", (r["bytes"] / 2**20, r["perplexity"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    markers = "*" + "osD^vP<>Xph"  # one per point, named in the legend: exports of one checkpoint sit together
+    for i, r in enumerate(ok):
+        ax.scatter(r["bytes"] / 2**20, r["perplexity"], marker=markers[0] if r["baseline"] else markers[1 + i % 10],
+                   s=90 if r["baseline"] else 60, alpha=0.8, label=f"{r['artifact']} ({r['engine']}, {r['backend']})")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel(f"held-out perplexity ({report['task']})")
     ax.set_title("accuracy vs size")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     files.append(out / "accuracy_vs_size.png")
     fig.savefig(files[-1], dpi=120)
