@@ -382,6 +382,8 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return {
+        "target": "gguf",
+        "source": str(ref.path),
         "output": str(output),
         "bytes": output.stat().st_size,
         "architecture": cfg.arch,

@@ -90,6 +90,7 @@ def test_factorized_layout_names_shapes_and_metadata(tiny_rank32, tmp_path):
     out = export_gguf(tiny_rank32, tmp_path / "m.gguf", progress=False)
     shapes = _tensors(tmp_path / "m.gguf")
     assert out["factorized_linears"] == 14
+    assert (out["target"], Path(out["source"]).resolve()) == ("gguf", Path(tiny_rank32).resolve())  # as onnx/pte
     # ggml shapes: _lr_a {n_in, r} applied first, _lr_b {r, n_out}
     assert shapes[f"blk.0.ffn_down{LR_A_SUFFIX}.weight"] == (MLP, 32)
     assert shapes[f"blk.0.ffn_down{LR_B_SUFFIX}.weight"] == (32, HIDDEN)
