@@ -311,7 +311,7 @@ def _add_validate_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compress import METHODS, ErrorAwareConfig
+    from .compress import DEFAULT_CALIB_BATCH, METHODS, ErrorAwareConfig
     from .compress.basel_cli import add_finetune_parser, add_train_arguments
     from .jobs import DEFAULT_CALIB_TOKENS, DEFAULT_METHOD
     from .lowrank import DEFAULT_RANK_MULTIPLE
@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "output (block-wise local distillation; 0: closed form only)")
     p.add_argument("--local-lr", type=positive_float, default=ErrorAwareConfig.local_lr,
                    help="--error-aware: learning rate of --local-steps")
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIB_BATCH,
+                   help="calibration rows per pass (and per --local-steps step)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")

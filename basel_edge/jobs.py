@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .compress.calibration import DEFAULT_CALIB_BATCH
 from .ranks import DEFAULT_KEEP, Budget
 from .train import DEFAULT_LOSS
 
@@ -66,7 +67,7 @@ class CompressJob:
     budget: Budget = field(default_factory=lambda: Budget(keep=DEFAULT_KEEP))
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     error_aware: ErrorAwareConfig | None = None
-    batch_size: int = 4
+    batch_size: int = DEFAULT_CALIB_BATCH
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True

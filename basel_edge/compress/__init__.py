@@ -14,7 +14,7 @@ from ..lowrank import decoder_linears, low_rank_from_factors, set_module
 from ..ranks import Budget, MatrixScores, allocate, params_for
 from . import asvd, basel, fwsvd, svd, svd_llm  # noqa: F401  (register the methods)
 from .base import Decomposition, Method, Weighting, decompose
-from .calibration import CalibrationStats, collect
+from .calibration import DEFAULT_CALIB_BATCH, CalibrationStats, collect
 from .error_aware import ErrorAwareConfig, refit_sequential
 from .registry import METHODS, get_method, register
 
@@ -79,7 +79,7 @@ def compress(
     budget: Budget,
     calibration: TokenBlocks | None = None,
     progress: bool = True,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_CALIB_BATCH,
     error_aware: ErrorAwareConfig | None = None,
 ) -> CompressionResult:
     """Factorize the decoder linears of `model` in place with an SVD-family method under `budget`; with

@@ -42,11 +42,14 @@ class CalibrationStats:
         return self.absmean[self.family.input_key(name)]
 
 
+DEFAULT_CALIB_BATCH = 4  # calibration rows per forward (and backward) pass: a memory bound, not a result
+
+
 def collect(
     model: nn.Module,
     blocks: TokenBlocks | None,
     needs: frozenset[str],
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_CALIB_BATCH,
     progress: bool = True,
 ) -> CalibrationStats:
     """Run the calibration blocks through the model once and gather the statistics in `needs`."""

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..families import family_of
 from ..lowrank import LowRankLinear, low_rank_from_factors, set_module
 from .base import Method, decompose
-from .calibration import CalibrationStats
+from .calibration import DEFAULT_CALIB_BATCH, CalibrationStats
 
 RIDGE = 1e-6  # × mean diagonal of X'ᵀX', added before solving for W*
 
@@ -44,7 +44,7 @@ class ErrorAwareConfig:
     better than the full least-squares fit 1 on SmolLM2: README "Compression quality") and the batch of rows."""
 
     correction: float = 0.0
-    batch_size: int = 4
+    batch_size: int = DEFAULT_CALIB_BATCH
     local_steps: int = 0
     local_lr: float = 1e-4
 
