@@ -39,7 +39,7 @@ import torch
 from basel_edge.checkpoint import load_model
 from basel_edge.compress import get_method
 from basel_edge.data import TokenBlocks, load_task, pack
-from basel_edge.jobs import DEFAULT_SEQ_LEN
+from basel_edge.cli import build_parser
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from basel_edge.eval.harness import cpu_model
 from basel_edge.perplexity import perplexity
@@ -97,12 +97,13 @@ def by_length(blocks: TokenBlocks) -> TokenBlocks:
     return TokenBlocks(blocks.input_ids[order], blocks.labels[order])
 
 
-def local_tokens(options: list[str]) -> int:
+def local_tokens(variant: list[str]) -> int:
     """Tokens each decoder layer's factors see in `--local-steps` (block-wise local distillation), 0 without it:
-    one calibration batch (`--batch-size` rows of `--seq-len`) per step."""
-    def value(flag: str, default: int) -> int:
-        return int(options[options.index(flag) + 1]) if flag in options else default
-    return value("--local-steps", 0) * value("--batch-size", 4) * value("--seq-len", DEFAULT_SEQ_LEN)
+    one calibration batch (`--batch-size` rows of `--seq-len`) per step, read by `compress`'s own parser."""
+    method, *options = variant or ["svd-llm"]
+    argv = ["compress", "--method", method, *options, "--task", "python-code", "-o", "unused"]
+    args = build_parser().parse_args(argv)
+    return args.local_steps * args.batch_size * args.seq_len
 
 
 def local_note(row: dict) -> str:
@@ -121,14 +122,14 @@ def markdown(report: dict) -> str:
         t = report["dense_finetuned"]
         lines.append(f"| dense+ft | finetune every decoder linear, {report['steps']} steps | 1.0 | 1.000 | "
                      f"{t['python_ppl']:.3f} | {t['humaneval_ppl']:.3f} | {t['train_tokens']} | {t['seconds']:.0f} | "
-                     f"{t['peak_rss_mib']:.0f} | {t.get('cpu', report['cpu'])} |")
+                     f"{t['peak_rss_mib']:.0f} | {t['cpu']} |")
     for keep in keeps:
         for r in report["rows"]:
             if r["keep"] != keep:
                 continue
             lines.append(
                 f"| {r['method']} | {r.get('options') or '–'} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
-                f"{r['train_tokens']}{local_note(r)} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r.get('cpu', report['cpu'])} |"
+                f"{r['train_tokens']}{local_note(r)} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['cpu']} |"
             )
     return "\n".join(lines)
 
@@ -201,9 +202,9 @@ def main() -> None:
             parser.error(f"{earlier_report} was measured with other settings; drop --append or change --name")
         report["rows"] = [{"cpu": earlier["cpu"], **r} for r in earlier["rows"]]  # wall times are per machine
         report["keeps"] = sorted(set(earlier["keeps"]) | set(args.keeps), reverse=True)
-        for key in ("dense", "dense_finetuned"):
-            if key in earlier:
-                report[key] = {"cpu": earlier["cpu"], **earlier[key]} if key == "dense_finetuned" else earlier[key]
+        report["dense"] = earlier["dense"]
+        if "dense_finetuned" in earlier:
+            report["dense_finetuned"] = {"cpu": earlier["cpu"], **earlier["dense_finetuned"]}
     if "dense" in report:
         py, he = report["dense"]["python_ppl"], report["dense"]["humaneval_ppl"]
     elif args.dense_from is not None:

@@ -126,9 +126,9 @@ def plots(report: dict, out: Path) -> list[Path]:
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     files = []
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    markers = "*" + "osD^vP<>Xph"  # one per point, named in the legend: exports of one checkpoint sit together
+    markers = "osD^vP<>Xph"  # one per point, named in the legend: exports of one checkpoint sit together
     for i, r in enumerate(ok):
-        ax.scatter(r["bytes"] / 2**20, r["perplexity"], marker=markers[0] if r["baseline"] else markers[1 + i % 10],
+        ax.scatter(r["bytes"] / 2**20, r["perplexity"], marker="*" if r["baseline"] else markers[i % len(markers)],
                    s=90 if r["baseline"] else 60, alpha=0.8, label=f"{r['artifact']} ({r['engine']}, {r['backend']})")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel(f"held-out perplexity ({report['task']})")
