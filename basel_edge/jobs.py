@@ -18,7 +18,7 @@ from .errors import UserError
 from .models import DEFAULT_MODEL
 from .compress.calibration import DEFAULT_CALIB_BATCH
 from .ranks import DEFAULT_KEEP, Budget
-from .train import DEFAULT_LOSS
+from .train import DEFAULT_FINETUNE_SCHEDULE, DEFAULT_LOSS
 
 if TYPE_CHECKING:
     from .compress.basel import BaselConfig
@@ -122,6 +122,7 @@ class FinetuneJob:
     data: DataSource
     steps: int = 40
     lr: float = 1e-4
+    schedule: str = DEFAULT_FINETUNE_SCHEDULE
     batch_size: int = DEFAULT_TRAIN_BATCH
     train_tokens: int | None = None
     loss: str = DEFAULT_LOSS
@@ -133,10 +134,12 @@ class FinetuneJob:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .train import LOSSES
+        from .train import LOSSES, SCHEDULES
 
         if self.loss not in LOSSES:
             raise UserError(f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown learning-rate schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if self.steps < 0 or self.batch_size <= 0 or not self.lr > 0:
             raise UserError("steps must be non-negative, batch size and learning rate positive")
 
@@ -280,7 +283,7 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
         if teacher_ref.factorized:
             raise UserError(f"--teacher {source} is factorized; give the dense model it was compressed from")
     loop = LoopConfig(steps=job.steps, batch_size=job.batch_size, seed=job.data.seed, device=job.device,
-                      grad_checkpointing=job.grad_checkpointing)
+                      grad_checkpointing=job.grad_checkpointing, schedule=job.schedule)
     check_output_dir(job.output, job.overwrite)
     torch.set_num_threads(job.threads or 1)
     task = job.data.load()
@@ -291,7 +294,8 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
     objective = Objective(job.loss, load_dense(teacher_ref.path) if teacher_ref else None)
     result = finetune(model, blocks, loop, job.lr, progress=job.progress, objective=objective)
     seconds = round(time.perf_counter() - start, 1)
-    extra = {**dims.extra, "finetune": {"steps": job.steps, "lr": job.lr, "tokens": result.train_tokens,
+    extra = {**dims.extra, "finetune": {"steps": job.steps, "lr": job.lr, "schedule": job.schedule,
+                                        "tokens": result.train_tokens,
                                         "loss": job.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
                                         "task": task.name, "final_loss": result.last_loss,
                                         "seconds": seconds, "peak_rss_mib": round(peak_rss_mib(), 1)}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 from collections.abc import Callable
@@ -28,6 +29,11 @@ DEVICES = ("auto", "cpu", "cuda")
 # what training minimises: task cross-entropy, KL from the dense teacher's next-token distribution, or both
 LOSSES = ("ce", "kl", "kl+ce")
 DEFAULT_LOSS = "ce"  # measured no worse than kl at the demo's budget (README, "Compression quality")
+# the learning rate over a run: held, or cosine decay from the base rate towards zero after the last step
+SCHEDULES = ("constant", "cosine")
+# fine-tuning decays: 24.1 against 24.5 held at the demo's keep-0.5 budget, and the base rate 1e-4 stays best
+# (2e-4 with warm-up: 24.8) (README, "Compression quality")
+DEFAULT_FINETUNE_SCHEDULE = "cosine"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,6 +45,21 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device")
     return torch.device(device)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on `device`: CUDA, or a CPU with AVX512-BF16 or AMX instructions (elsewhere
+    bf16 matmuls would be emulated, so training stays fp32). Step times: eval/results/train-step.md."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)()
+                                        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast on `device` when `amp` is asked for and the device computes bf16 natively (bf16_native)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and bf16_native(device))
 
 
 def peak_rss_mib() -> float:
@@ -54,7 +75,8 @@ class LoopConfig:
     batch_size: int = 4
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool = True  # bf16 autocast where the device computes bf16 natively (bf16_native)
+    schedule: str = "constant"  # one of SCHEDULES
     grad_checkpointing: bool = False
     checkpoint_every: int = 0
     checkpoint_dir: Path | None = None
@@ -67,9 +89,19 @@ class LoopConfig:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint interval must be non-negative, got {self.checkpoint_every}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown learning-rate schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise UserError("checkpointing and --resume need a checkpoint directory")
         resolve_device(self.device)
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of `step` (0-based) of `steps` as a fraction of the base rate: a function of the step
+    alone, so a resumed run sets the same rates as an uninterrupted one."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return 1.0
 
 
 def step_rows(n_rows: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -125,7 +157,7 @@ def load_state(checkpoint_dir: Path, expect: str) -> dict | None:
 def batch_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, amp: bool) -> torch.Tensor:
     """Causal-LM cross-entropy (HF shifts the labels; -100 marks prompt and padding)."""
     device = ids.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with autocast(device, amp):
         return model(input_ids=ids, labels=labels, use_cache=False).loss
 
 
@@ -159,7 +191,7 @@ class Objective:
         if self.teacher is None:
             return batch_loss(model, ids, labels, amp)
         device = ids.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with autocast(device, amp):
             with torch.no_grad():
                 target = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
             out = model(input_ids=ids, labels=labels if self.loss == "kl+ce" else None, use_cache=False)
@@ -194,6 +226,7 @@ def train_loop(
     objective.to(device)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
     start = 0
     if cfg.resume and cfg.checkpoint_dir is not None:
         state = load_state(cfg.checkpoint_dir, run_fingerprint)
@@ -215,6 +248,8 @@ def train_loop(
         for step in range(start, cfg.steps):
             if before_step is not None:
                 before_step(step)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(cfg.schedule, step, cfg.steps)
             rows = step_rows(len(blocks), step, cfg.batch_size, cfg.seed)
             ids = blocks.input_ids[rows].to(device)
             labels = blocks.labels[rows].to(device)

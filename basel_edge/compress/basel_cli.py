@@ -105,21 +105,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     summary = finetune_checkpoint(FinetuneJob(
         model=args.model, output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed),
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, train_tokens=args.train_tokens, loss=args.loss,
-        teacher=args.teacher, device=args.device, grad_checkpointing=args.grad_checkpointing, threads=args.threads,
-        overwrite=args.overwrite, progress=not args.quiet))
+        steps=args.steps, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
+        train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, device=args.device,
+        grad_checkpointing=args.grad_checkpointing, threads=args.threads, overwrite=args.overwrite,
+        progress=not args.quiet))
     print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
           f"final loss {summary['final_loss']:.4f})")
     return 0
 
 
 def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
+    from ..train import DEFAULT_FINETUNE_SCHEDULE, SCHEDULES
+
     p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
     add_model_args(p, "factorized checkpoint directory")
     add_data_args(p)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_FINETUNE_SCHEDULE,
+                   help=f"learning rate over the run: held at --lr, or cosine decay from it (default "
+                        f"{DEFAULT_FINETUNE_SCHEDULE})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH)
     p.add_argument("--train-tokens", type=int, default=None)
     _add_loss_argument(p)

@@ -1,0 +1,96 @@
+"""The shared training loop (basel_edge/train.py): the learning-rate schedule and where bf16 autocast runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from basel_edge.compress.basel import finetune
+from basel_edge.data import load_data, pack
+from basel_edge.errors import UserError
+from basel_edge.lowrank import LowRankLinear, decoder_linears, low_rank_from_factors, set_module, svd_factors
+from basel_edge.models import load_dense, load_tokenizer
+from basel_edge.train import LoopConfig, autocast, lr_factor
+
+
+@pytest.fixture(scope="module")
+def blocks(tiny_llama, tiny_text_data):
+    return pack(load_data(tiny_text_data).train, load_tokenizer(tiny_llama), seq_len=32, max_tokens=1024)
+
+
+def _factorized(path):
+    model = load_dense(path)
+    for name, lin in decoder_linears(model).items():
+        a, b = svd_factors(lin.weight.detach(), 8)
+        set_module(model, name, low_rank_from_factors(a, b, lin.bias))
+    return model
+
+
+def _factors(model):
+    return {n: m.a.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def test_cosine_starts_at_the_base_rate_halves_midway_and_decays_without_reaching_zero():
+    steps = 40
+    rates = [lr_factor("cosine", s, steps) for s in range(steps)]
+    assert rates[0] == 1.0 and rates[20] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    assert rates[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    assert {lr_factor("constant", s, steps) for s in range(steps)} == {1.0}
+
+
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(UserError, match="schedule"):
+        LoopConfig(steps=4, schedule="linear")
+
+
+def test_the_optimizer_steps_at_the_scheduled_rates(tiny_llama, blocks, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    finetune(_factorized(tiny_llama), blocks, LoopConfig(steps=6, batch_size=2, schedule="cosine"), lr=1e-3,
+             progress=False)
+    assert seen == pytest.approx([1e-3 * lr_factor("cosine", s, 6) for s in range(6)])
+
+
+def test_a_resumed_cosine_run_reproduces_the_uninterrupted_one(tiny_llama, blocks, tmp_path):
+    """The rates come from the step alone: a resumed run must not decay from the rate its checkpoint saved."""
+    reference = _factorized(tiny_llama)
+    finetune(reference, blocks, LoopConfig(steps=8, batch_size=2, schedule="cosine"), lr=1e-3, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die(step, loss):
+        if step == 4:
+            raise Killed
+
+    loop = LoopConfig(steps=8, batch_size=2, schedule="cosine", checkpoint_every=2, checkpoint_dir=tmp_path / "c",
+                      resume=True)
+    with pytest.raises(Killed):
+        finetune(_factorized(tiny_llama), blocks, loop, lr=1e-3, progress=False, on_step=die)
+    resumed = _factorized(tiny_llama)
+    result = finetune(resumed, blocks, loop, lr=1e-3, progress=False)
+    assert result.resumed_from == 4
+    want, got = _factors(reference), _factors(resumed)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert (want[name] - got[name]).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_autocast_only_where_the_cpu_computes_bf16(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    with autocast(cpu, amp=True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast(cpu, amp=False):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
