@@ -62,16 +62,16 @@ def run_cli(argv: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "stdout": out.strip()}
 
 
-def dense_finetune(steps: int, seq_len: int, lr: float) -> dict:
+def dense_finetune(steps: int, seq_len: int, lr: float, threads: int) -> dict:
     """The dense model with the fine-tuning every trained row gets (every decoder linear trainable, CE on
     python-code, the same rows as `basel-edge finetune` draws): task fine-tuning also moves the dense model, so
     a compressed row is compared with this as well as with the untouched dense model."""
-    from basel_edge.compress.basel_cli import _train_blocks
+    from basel_edge.jobs import _train_blocks
     from basel_edge.lowrank import decoder_linears
     from basel_edge.models import load_dense
-    from basel_edge.train import LoopConfig, fingerprint, peak_rss_mib, train_loop
+    from basel_edge.train import DEFAULT_FINETUNE_SCHEDULE, LoopConfig, fingerprint, peak_rss_mib, train_loop
 
-    torch.set_num_threads(1)  # as every timed `basel-edge` run of this benchmark
+    torch.set_num_threads(threads)  # as every timed `basel-edge` run of this benchmark
     start = time.perf_counter()
     ref = resolve_model(DEFAULT_MODEL)
     blocks = _train_blocks(load_task("python-code"), load_tokenizer(ref.path), seq_len, steps * BATCH * seq_len)
@@ -81,7 +81,7 @@ def dense_finetune(steps: int, seq_len: int, lr: float) -> dict:
     weights = [lin.weight for lin in decoder_linears(model).values()]
     for w in weights:
         w.requires_grad_(True)
-    loop = LoopConfig(steps=steps, batch_size=BATCH)
+    loop = LoopConfig(steps=steps, batch_size=BATCH, schedule=DEFAULT_FINETUNE_SCHEDULE)
     train_loop(model, [{"params": weights, "lr": lr}], blocks, loop, fingerprint({"dense-ft": lr}), progress=False)
     model.eval()
     for w in weights:
@@ -114,7 +114,7 @@ def local_note(row: dict) -> str:
 def markdown(report: dict) -> str:
     keeps = report["keeps"]
     head = ("| method | options | keep | decoder params kept | python-code ppl | humaneval ppl | train tokens | "
-            "wall (s) | peak RSS (MiB) | CPU |")
+            "wall (s) | peak RSS (MiB) | CPU (threads) |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     d = report["dense"]
     lines.append(f"| dense | – | 1.0 | 1.000 | {d['python_ppl']:.3f} | {d['humaneval_ppl']:.3f} | 0 | – | – | – |")
@@ -122,14 +122,15 @@ def markdown(report: dict) -> str:
         t = report["dense_finetuned"]
         lines.append(f"| dense+ft | finetune every decoder linear, {report['steps']} steps | 1.0 | 1.000 | "
                      f"{t['python_ppl']:.3f} | {t['humaneval_ppl']:.3f} | {t['train_tokens']} | {t['seconds']:.0f} | "
-                     f"{t['peak_rss_mib']:.0f} | {t['cpu']} |")
+                     f"{t['peak_rss_mib']:.0f} | {t['cpu']} ({t.get('threads', report['threads'])}) |")
     for keep in keeps:
         for r in report["rows"]:
             if r["keep"] != keep:
                 continue
             lines.append(
                 f"| {r['method']} | {r.get('options') or '–'} | {keep} | {r['kept']:.3f} | {r['python_ppl']:.3f} | {r['humaneval_ppl']:.3f} | "
-                f"{r['train_tokens']}{local_note(r)} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['cpu']} |"
+                f"{r['train_tokens']}{local_note(r)} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
+                f"{r['cpu']} ({r.get('threads', report['threads'])}) |"
             )
     return "\n".join(lines)
 
@@ -151,6 +152,8 @@ def main() -> None:
                              "only the missing ones")
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained method")
     parser.add_argument("--train-seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of every timed command (each row records its count)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/basel-bench"))
@@ -174,7 +177,7 @@ def main() -> None:
         "train_seq_len": args.train_seq_len,
         "python_eval_tokens": heldout.scored_tokens,
         "humaneval_eval_tokens": humaneval.scored_tokens,
-        "threads": 1,
+        "threads": args.threads,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -200,11 +203,13 @@ def main() -> None:
         same = ("python_eval_tokens", "humaneval_eval_tokens", "train_tokens_per_trained_method")
         if any(earlier.get(k) != report[k] for k in same):
             parser.error(f"{earlier_report} was measured with other settings; drop --append or change --name")
-        report["rows"] = [{"cpu": earlier["cpu"], **r} for r in earlier["rows"]]  # wall times are per machine
+        # wall times are per machine and thread count
+        report["rows"] = [{"cpu": earlier["cpu"], "threads": earlier["threads"], **r} for r in earlier["rows"]]
         report["keeps"] = sorted(set(earlier["keeps"]) | set(args.keeps), reverse=True)
         report["dense"] = earlier["dense"]
         if "dense_finetuned" in earlier:
-            report["dense_finetuned"] = {"cpu": earlier["cpu"], **earlier["dense_finetuned"]}
+            report["dense_finetuned"] = {"cpu": earlier["cpu"], "threads": earlier["threads"],
+                                         **earlier["dense_finetuned"]}
     if "dense" in report:
         py, he = report["dense"]["python_ppl"], report["dense"]["humaneval_ppl"]
     elif args.dense_from is not None:
@@ -217,7 +222,7 @@ def main() -> None:
     report["dense"] = {"python_ppl": py, "humaneval_ppl": he}
     print(f"dense: python {py:.3f} humaneval {he:.3f}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    common = ["--task", "python-code", "--threads", "1", "--overwrite", "--quiet"]
+    common = ["--task", "python-code", "--threads", str(args.threads), "--overwrite", "--quiet"]
     trained = ["--steps", str(args.steps), "--train-seq-len", str(args.train_seq_len), "--train-batch-size", str(BATCH)]
     variants = {m: m.split(":", 1)[0:1] + (["--basis", m.split(":", 1)[1]] if ":" in m else [])
                 for m in args.methods if m not in ("svd-llm", "svd-llm+ft")}
@@ -235,12 +240,12 @@ def main() -> None:
         finetunes[label] = (base, extra)
     labels = [m for m in args.methods if m in ("svd-llm", "svd-llm+ft")] + list(variants) + list(finetunes)
     if args.dense_finetune and "dense_finetuned" not in report:
-        tuned = dense_finetune(args.steps, args.train_seq_len, 1e-4)
+        tuned = dense_finetune(args.steps, args.train_seq_len, 1e-4, args.threads)
         model = tuned.pop("model")
         report["dense_finetuned"] = {
             "python_ppl": perplexity(model, heldout, batch_size=4, progress=False).perplexity,
             "humaneval_ppl": perplexity(model, humaneval, batch_size=4, progress=False).perplexity,
-            "train_tokens": tokens, "cpu": report["cpu"], **tuned}
+            "train_tokens": tokens, "cpu": report["cpu"], "threads": args.threads, **tuned}
         del model
         print(f"dense+ft: {json.dumps(report['dense_finetuned'])}", flush=True)
         write()
@@ -294,7 +299,7 @@ def main() -> None:
             row = {
                 "method": method, "keep": keep, "kept": dims["params"]["factorized"] / dims["params"]["dense"],
                 "options": options, "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens,
-                "cpu": report["cpu"], **run,
+                "cpu": report["cpu"], "threads": args.threads, **run,
                 **({"local_tokens_per_layer": local} if local else {}),
             }
             row.pop("stdout")

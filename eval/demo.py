@@ -1,11 +1,11 @@
 """`basel-edge demo`: the whole pipeline on the embedded SmolLM2-135M, offline.
 
 compress for python-code at keep 0.5 with the method measured best at an equal training budget (SVD-LLM with
-its default loss-aware ranks, then part-2 fine-tuning of both factors: eval/results/compress-ablation.md and
-compress.md, where no Basel/BSI setting beat it) → export to
-every available target with int8 weights → validate everything against the dense model on cpu and mobile (and
-cuda when there is a GPU) → print where the report is. `--method basel|bsi` runs the trained methods instead
-(their part 2 inside the same step budget). `--quick` uses small budgets for a first look.
+its default loss-aware ranks, then part-2 fine-tuning of both factors with a cosine schedule:
+eval/results/compress-ablation.md, compress-demo-budget.md and compress.md, where no Basel/BSI setting beat it)
+→ export to every available target with int8 weights → validate everything against the dense model on cpu and
+mobile (and cuda when there is a GPU) → print where the report is. `--method basel|bsi` runs the trained
+methods instead (their part 2 inside the same step budget). `--quick` uses small budgets for a first look.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ if TYPE_CHECKING:
     from basel_edge.eval.harness import ValidateConfig
     from basel_edge.jobs import CompressJob, FinetuneJob, TrainedCompressJob
 
-# Training runs on one thread: on a shared 2-core machine two threads made a step many times slower
-# (basel_cli.py); the SVDs and the validation use --threads.
-TRAIN_THREADS = 1
-# rows of 256 tokens, as the trained methods and eval/bench_compress.py use: ~3 s per step on one core
+# Training uses --threads like every other phase: the demo has the machine to itself, and a fine-tuning step of
+# the keep-0.5 model took 3.52 s on one AMD EPYC core and 2.15 s on two, 1.38 s with the bf16 autocast that
+# training uses where the CPU has bf16 instructions (eval/results/train-step.md). 320 steps with the cosine
+# schedule fit compression plus fine-tuning into about 10 minutes there (eval/results/compress-demo-budget.md).
+TRAIN_STEPS = 320
+# rows of 256 tokens, as the trained methods and eval/bench_compress.py use
 TRAIN_SEQ_LEN = 256
 TRAIN_BATCH = 2
 DEMO_MARKER = ".basel-edge-demo"  # in a folder the demo made, so that a rerun may replace its outputs there
@@ -62,7 +64,7 @@ class DemoConfig:
     @property
     def train_steps(self) -> int:
         """Training steps of the compression phase (fine-tuning, or Basel part 1 + part 2); none in --quick."""
-        return 0 if self.quick else 120
+        return 0 if self.quick else TRAIN_STEPS
 
     def trained(self) -> bool:
         return self.chosen_method() in ("basel", "bsi")
@@ -82,7 +84,7 @@ class DemoConfig:
         data = DataSource(task="python-code")
         if self.trained():
             # the best Basel setting measured at keep 0.4 (eval/results/compress.md): no new bases, lr 1e-2,
-            # half the steps in part 1 and half in part 2; training on one thread (see TRAIN_THREADS)
+            # half the steps in part 1 and half in part 2
             steps = 40 if self.quick else self.train_steps // 2
             basel = BaselConfig(keep=self.keep, importance=get_method(self.chosen_method()).importance, r_add=0,
                                 lr=1e-2, steps=steps, finetune_steps=0 if self.quick else self.train_steps - steps)
@@ -90,7 +92,7 @@ class DemoConfig:
                 output=output, data=data, basel=basel,
                 loop=LoopConfig(steps=steps, batch_size=TRAIN_BATCH, checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
                                 checkpoint_dir=default_checkpoint_dir(output)),
-                train_seq_len=TRAIN_SEQ_LEN, threads=TRAIN_THREADS, overwrite=True,
+                train_seq_len=TRAIN_SEQ_LEN, threads=self.threads, overwrite=True,
                 train_tokens=None if self.quick else self.train_steps * TRAIN_BATCH * TRAIN_SEQ_LEN)
         return CompressJob(output=output, data=data, method=self.chosen_method(), budget=Budget(keep=self.keep),
                            calib_tokens=2048 if self.quick else DEFAULT_CALIB_TOKENS, threads=self.threads,
@@ -103,7 +105,7 @@ class DemoConfig:
         if not self.fine_tunes():
             return None
         return FinetuneJob(model=str(model), output=output, data=DataSource(task="python-code", seq_len=TRAIN_SEQ_LEN),
-                           steps=self.train_steps, batch_size=TRAIN_BATCH, threads=TRAIN_THREADS, overwrite=True)
+                           steps=self.train_steps, batch_size=TRAIN_BATCH, threads=self.threads, overwrite=True)
 
     def validate_config(self, baseline: Path, artifacts: list[str], out: Path) -> ValidateConfig:
         from basel_edge.eval.harness import ValidateConfig

@@ -5,17 +5,17 @@ from pathlib import Path
 import pytest
 
 from basel_edge.errors import UserError
-from basel_edge.eval.demo import TRAIN_THREADS, DemoConfig
+from basel_edge.eval.demo import DemoConfig
 
 
-def test_full_demo_fine_tunes_the_svd_llm_model_on_one_thread(tmp_path):
+def test_full_demo_fine_tunes_the_svd_llm_model_on_the_demo_threads(tmp_path):
     from basel_edge.jobs import CompressJob
 
     cfg = DemoConfig(out=Path("x"))
     job = cfg.compress_job(tmp_path / "c")
     assert isinstance(job, CompressJob) and job.method == "svd-llm" and job.budget.keep == cfg.keep
     ft = cfg.finetune_job(tmp_path / "c", tmp_path / "f")
-    assert ft.steps == cfg.train_steps > 0 and ft.threads == TRAIN_THREADS and ft.model == str(tmp_path / "c")
+    assert ft.steps == cfg.train_steps > 0 and ft.threads == cfg.threads and ft.model == str(tmp_path / "c")
 
 
 def test_quick_demo_does_not_train(tmp_path):
@@ -33,7 +33,7 @@ def test_basel_demo_splits_the_same_step_budget_between_part_1_and_part_2(tmp_pa
     assert isinstance(job, TrainedCompressJob) and job.method == "basel" and job.basel.r_add == 0
     assert job.basel.steps == job.loop.steps and job.basel.steps + job.basel.finetune_steps == cfg.train_steps
     assert job.train_tokens == cfg.train_steps * 2 * 256
-    assert job.loop.checkpoint_dir is not None and job.threads == TRAIN_THREADS
+    assert job.loop.checkpoint_dir is not None and job.threads == cfg.threads
     assert cfg.finetune_job(tmp_path / "c", tmp_path / "f") is None
     assert DemoConfig(out=Path("x"), method="bsi").compress_job(tmp_path / "c").method == "bsi"
 
