@@ -1,23 +1,26 @@
 """Task data: where training/evaluation text comes from, how it is split, tokenised and packed.
 
-Sources: the built-in offline tasks (`python-code`, `humaneval`), plain text files or folders, JSONL
+Sources: the built-in offline tasks (`python-code`, `python-functions`, `humaneval`), plain text files or folders, JSONL
 (`text`, `prompt`/`completion` or `query`/`response`) and HF `datasets` folders saved with `save_to_disk`.
 Prompts are kept apart from the text that is trained on / scored, so the loss can mask them out.
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.metadata
 import json
 import random
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .prompts import answer_text, request_text
 
 IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ""}
@@ -28,10 +31,12 @@ DOCUMENTS_PER_BUDGET = 32
 
 @dataclass(frozen=True)
 class Example:
-    """One document: `text` is trained on / scored, `prompt` (possibly empty) is context masked from the loss."""
+    """One document: `text` is trained on / scored, `prompt` (possibly empty) is context masked from the loss.
+    A `request` is a function head (`prompt`) and its body (`text`), put to the model as `prompts.py` says."""
 
     text: str
     prompt: str = ""
+    request: bool = False
 
 
 @dataclass
@@ -97,6 +102,42 @@ def python_code_task(seed: int = DEFAULT_SEED, fraction: float = DEFAULT_VALIDAT
     return TaskData("python-code", train, val)
 
 
+def _function_requests(source: str) -> list[Example]:
+    """Every top-level function of `source` with a docstring and code after it, as a request: the head
+    (decorators, signature, docstring) is the prompt, the rest of the body the text, as in HumanEval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escape sequences and the like in old sources
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            return []
+    lines = source.splitlines(keepends=True)
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        if len(node.body) < 2:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        head_end = node.body[0].end_lineno
+        body = "".join(lines[head_end : node.end_lineno])
+        if body.strip():
+            out.append(Example(text=body, prompt="".join(lines[start:head_end]), request=True))
+    return out
+
+
+def python_functions_task(seed: int = DEFAULT_SEED, fraction: float = DEFAULT_VALIDATION_FRACTION) -> TaskData:
+    """`python-code`'s modules, same split, cut into HumanEval-shaped requests: complete a documented function.
+    A chat model trains on them as the chat turns HumanEval evaluation asks in (prompts.py), so fine-tuning
+    keeps the answer format the model is used in."""
+    code = python_code_task(seed, fraction)
+    validation = [ex for doc in code.validation for ex in _function_requests(doc.text)]
+    # a function copied between modules (test helpers, vendored code) must not train when it is held out
+    held_out = {ex.prompt + ex.text for ex in validation}
+    train = [ex for doc in code.train for ex in _function_requests(doc.text) if ex.prompt + ex.text not in held_out]
+    return TaskData("python-functions", train, validation)
+
+
 def humaneval_task() -> TaskData:
     """The 164 HumanEval problems (evaluation only): prompt = signature+docstring, text = canonical solution."""
     try:
@@ -113,7 +154,9 @@ def humaneval_task() -> TaskData:
     return TaskData("humaneval", [], examples)
 
 
-BUILTIN_TASKS = {"python-code": python_code_task, "humaneval": humaneval_task}
+BUILTIN_TASKS = {"python-code": python_code_task, "python-functions": python_functions_task,
+                 "humaneval": humaneval_task}
+SEEDED_TASKS = {"python-code", "python-functions"}  # split at random; humaneval's problems are fixed
 
 
 # ---- user data ------------------------------------------------------------------------------------------
@@ -247,7 +290,7 @@ def load_task(task: str | None = None, data: str | Path | None = None, seed: int
     if task not in BUILTIN_TASKS:
         raise UserError(f"unknown task '{task}'; built-in tasks: {', '.join(BUILTIN_TASKS)} (or use --data PATH)")
     factory = BUILTIN_TASKS[task]
-    return factory(seed=seed) if task == "python-code" else factory()
+    return factory(seed=seed) if task in SEEDED_TASKS else factory()
 
 
 # ---- tokenisation and packing ---------------------------------------------------------------------------
@@ -269,8 +312,10 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     out, total = [], 0
     for ex in examples:
-        prompt_ids = _encode(tokenizer, ex.prompt)
-        text_ids = _encode(tokenizer, ex.text) + ([eos] if add_eos and eos is not None else [])
+        prompt, text = (request_text(ex.prompt, tokenizer), answer_text(ex.text, tokenizer)) if ex.request \
+            else (ex.prompt, ex.text)
+        prompt_ids = _encode(tokenizer, prompt)
+        text_ids = _encode(tokenizer, text) + ([eos] if add_eos and eos is not None else [])
         ids = prompt_ids + text_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + text_ids
         if per_example is not None:
@@ -322,3 +367,4 @@ def pack(
         input_ids[row, : len(i)] = torch.tensor(i, dtype=torch.long)
         label_t[row, : len(l)] = torch.tensor(l, dtype=torch.long)
     return TokenBlocks(input_ids, label_t)
+

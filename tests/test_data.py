@@ -1,9 +1,21 @@
+import copy
 import json
 
 import pytest
 import torch
 
-from basel_edge.data import IGNORE_INDEX, Example, humaneval_task, load_data, load_task, pack, python_code_task
+from basel_edge.data import (
+    IGNORE_INDEX,
+    Example,
+    _function_requests,
+    humaneval_task,
+    load_data,
+    load_task,
+    pack,
+    python_code_task,
+    python_functions_task,
+    tokenize_examples,
+)
 from basel_edge.errors import UserError
 from basel_edge.models import load_tokenizer
 
@@ -148,3 +160,67 @@ def test_token_budget_spans_many_documents(tok):
     blocks = pack(examples, tok, seq_len=16, max_tokens=32 * 16)
     text = tok.decode(blocks.input_ids.flatten())
     assert sum(f"doc{i} " in text for i in range(40)) >= 32
+
+
+SOURCE = '''import os
+
+
+@staticmethod
+def documented(a, b=1):
+    """Add.
+
+    Twice.
+    """
+    c = a + b
+    return c
+
+
+def one_statement():
+    """Only a docstring."""
+
+
+def undocumented(x):
+    return x
+
+
+class K:
+    def method(self):
+        """Methods are not top-level functions."""
+        return 1
+'''
+
+
+def test_function_requests_split_head_from_body():
+    (ex,) = _function_requests(SOURCE)
+    assert ex.request
+    assert ex.prompt == '@staticmethod\ndef documented(a, b=1):\n    """Add.\n\n    Twice.\n    """\n'
+    assert ex.text == "    c = a + b\n    return c\n"
+    assert _function_requests("def broken(:\n") == []
+
+
+def test_python_functions_task_keeps_the_module_split():
+    code, funcs = python_code_task(), python_functions_task()
+    assert len(funcs.train) > 1000 and len(funcs.validation) > 100
+    held_out = "".join(e.text for e in code.validation)
+    assert all(e.prompt + e.text in held_out for e in funcs.validation[:50])
+    assert not {e.prompt + e.text for e in funcs.train} & {e.prompt + e.text for e in funcs.validation}
+
+
+CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_requests_train_in_the_chat_form_that_humaneval_asks_in(tok):
+    from basel_edge.eval.humaneval import prompt_text
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = CHAT
+    head, body = "def f(x):\n    \"\"\"Double.\"\"\"\n", "    return 2 * x\n"
+    for t, ask, answer in [(chat_tok, prompt_text({"prompt": head}, chat_tok), body + "```"), (tok, head, body)]:
+        ((ids, labels),) = tokenize_examples([Example(body, head, request=True)], t)
+        n = len(t(ask, add_special_tokens=False)["input_ids"])
+        assert labels[:n] == [IGNORE_INDEX] * n and IGNORE_INDEX not in labels[n:]
+        assert ids[-1] == t.eos_token_id
+        assert t.decode(ids[:n]) == t.decode(t(ask, add_special_tokens=False)["input_ids"])
+        assert t.decode(ids[n:-1]) == t.decode(t(answer, add_special_tokens=False)["input_ids"])
+    assert "<|user|>Complete the following Python function." in prompt_text({"prompt": head}, chat_tok)
