@@ -27,6 +27,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts",
 DEFAULT_SEED = 0
 DEFAULT_VALIDATION_FRACTION = 0.1
 DOCUMENTS_PER_BUDGET = 32
+TRAIN_ROWS = ("packed", "windows")  # how a training budget becomes rows: `pack` or `sample_windows`
+DEFAULT_TRAIN_ROWS = "packed"
 
 
 @dataclass(frozen=True)
@@ -368,3 +370,28 @@ def pack(
         label_t[row, : len(l)] = torch.tensor(l, dtype=torch.long)
     return TokenBlocks(input_ids, label_t)
 
+
+def sample_windows(examples: list[Example], tokenizer, seq_len: int, rows: int, seed: int = DEFAULT_SEED) -> TokenBlocks:
+    """`rows` training rows of `seq_len` tokens, each a window at a seeded random offset into a different
+    document (documents in their split's order, cycling when there are fewer long enough than rows).
+
+    Packing a token budget takes the heads of ~32 documents (`pack`); windows spread the same budget over as
+    many documents as it has rows and over their bodies as well as their heads (`--train-rows windows`; the
+    measurements are in README, "Compression quality")."""
+    if seq_len < 2 or rows < 1:
+        raise UserError(f"windows need a length of at least 2 and at least one row, got {seq_len} and {rows}")
+    rng, out, i, misses = random.Random(seed), [], 0, 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    while len(out) < rows:
+        ids = _encode(tokenizer, examples[i % len(examples)].text) + eos
+        i += 1
+        if len(ids) < seq_len:
+            misses += 1
+            if misses == len(examples):
+                raise UserError(f"no document holds {seq_len} tokens; give a shorter --seq-len")
+            continue
+        misses = 0
+        start = rng.randrange(len(ids) - seq_len + 1)
+        out.append(ids[start : start + seq_len])
+    ids = torch.tensor(out, dtype=torch.long)
+    return TokenBlocks(ids, ids.clone())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import UserError
 from .models import DEFAULT_MODEL
 from .compress.calibration import DEFAULT_CALIB_BATCH
+from .data import DEFAULT_TRAIN_ROWS, TRAIN_ROWS
 from .ranks import DEFAULT_KEEP, Budget
 from .train import DEFAULT_FINETUNE_SCHEDULE, DEFAULT_LOSS
 
@@ -127,6 +128,7 @@ class FinetuneJob:
     train_tokens: int | None = None
     loss: str = DEFAULT_LOSS
     teacher: str | None = None  # default: the model the checkpoint was compressed from
+    train_rows: str = DEFAULT_TRAIN_ROWS  # data.TRAIN_ROWS
     device: str = "auto"
     grad_checkpointing: bool = False
     threads: int | None = None  # one unless asked, as TrainedCompressJob
@@ -140,6 +142,8 @@ class FinetuneJob:
             raise UserError(f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown learning-rate schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if self.train_rows not in TRAIN_ROWS:
+            raise UserError(f"unknown training rows '{self.train_rows}'; choose one of {', '.join(TRAIN_ROWS)}")
         if self.steps < 0 or self.batch_size <= 0 or not self.lr > 0:
             raise UserError("steps must be non-negative, batch size and learning rate positive")
 
@@ -153,12 +157,19 @@ def _dense_source(model: str):
     return ref
 
 
-def _train_blocks(task, tokenizer, seq_len: int, tokens: int):
-    from .data import pack
+def _train_blocks(task, tokenizer, seq_len: int, tokens: int, seed: int = 0, rows: str = DEFAULT_TRAIN_ROWS):
+    """The training rows of a `tokens` budget: packed (prompts masked), or for plain text `windows` of as many
+    documents as rows."""
+    from .data import pack, sample_windows
 
     if not task.train:
         raise UserError(f"task '{task.name}' is evaluation-only; give a task with training data")
-    return pack(task.train, tokenizer, seq_len, max_tokens=tokens)
+    if rows == "packed":
+        return pack(task.train, tokenizer, seq_len, max_tokens=tokens)
+    if task.has_prompt:
+        raise UserError(f"--train-rows windows cuts plain text, and task '{task.name}' has prompts; "
+                        "use --train-rows packed")
+    return sample_windows(task.train, tokenizer, seq_len, max(1, tokens // seq_len), seed)
 
 
 def _summary(output: Path, method: str, dims, seconds: float, **extra) -> dict:
@@ -289,12 +300,14 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
     task = job.data.load()
     start = time.perf_counter()
     blocks = _train_blocks(task, load_tokenizer(ref.path), job.data.seq_len,
-                           job.train_tokens or job.steps * job.batch_size * job.data.seq_len)
+                           job.train_tokens or job.steps * job.batch_size * job.data.seq_len, job.data.seed,
+                           job.train_rows)
     model = load_factorized(ref.path)
     objective = Objective(job.loss, load_dense(teacher_ref.path) if teacher_ref else None)
     result = finetune(model, blocks, loop, job.lr, progress=job.progress, objective=objective)
     seconds = round(time.perf_counter() - start, 1)
     extra = {**dims.extra, "finetune": {"steps": job.steps, "lr": job.lr, "schedule": job.schedule,
+                                        "train_rows": job.train_rows,
                                         "tokens": result.train_tokens,
                                         "loss": job.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
                                         "task": task.name, "final_loss": result.last_loss,

@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from basel_edge.data import (
     pack,
     python_code_task,
     python_functions_task,
+    sample_windows,
     tokenize_examples,
 )
 from basel_edge.errors import UserError
@@ -224,3 +226,41 @@ def test_requests_train_in_the_chat_form_that_humaneval_asks_in(tok):
         assert t.decode(ids[:n]) == t.decode(t(ask, add_special_tokens=False)["input_ids"])
         assert t.decode(ids[n:-1]) == t.decode(t(answer, add_special_tokens=False)["input_ids"])
     assert "<|user|>Complete the following Python function." in prompt_text({"prompt": head}, chat_tok)
+
+
+def test_windows_take_each_row_from_another_document(tok):
+    docs = [Example(f"doc{i} " + " ".join(f"w{i}_{j}" for j in range(200))) for i in range(30)]
+    docs.insert(3, Example("short"))
+    blocks = sample_windows(docs, tok, seq_len=16, rows=20, seed=0)
+    assert blocks.input_ids.shape == (20, 16) and torch.equal(blocks.input_ids, blocks.labels)
+    owners = []
+    for row in blocks.input_ids.tolist():
+        text = tok.decode(row)
+        (owner,) = {i for i in range(30) if f"w{i}_" in text}
+        full = tok(docs[owner + (owner >= 3)].text, add_special_tokens=False)["input_ids"]
+        assert any(full[k : k + 16] == row for k in range(len(full) - 15))
+        owners.append(owner)
+    assert len(set(owners)) == 20
+    starts = {tok.decode(r).split()[0] for r in blocks.input_ids.tolist()}
+    assert len(starts) > 10  # bodies, not only the heads
+    assert torch.equal(sample_windows(docs, tok, 16, 20, seed=0).input_ids, blocks.input_ids)
+    assert not torch.equal(sample_windows(docs, tok, 16, 20, seed=1).input_ids, blocks.input_ids)
+    assert sample_windows(docs[:2], tok, 16, 5).input_ids.shape == (5, 16)  # cycles over the documents
+    with pytest.raises(UserError, match="no document holds"):
+        sample_windows([Example("tiny")], tok, 16, 2)
+
+
+def test_training_rows_packed_or_windows(tok):
+    from basel_edge.data import TaskData
+    from basel_edge.jobs import DataSource, FinetuneJob, _train_blocks
+
+    plain = TaskData("t", [Example(" ".join(f"w{i}" for i in range(300)))] * 8, [])
+    windows = _train_blocks(plain, tok, 32, 4 * 32, rows="windows")
+    assert windows.input_ids.shape == (4, 32) and (windows.labels != IGNORE_INDEX).all()
+    assert not torch.equal(windows.input_ids, _train_blocks(plain, tok, 32, 4 * 32).input_ids)  # packed: the heads
+    asks = TaskData("f", [Example("    return 1\n", "def f():\n", request=True)] * 8, [])
+    assert (_train_blocks(asks, tok, 32, 4 * 32).labels == IGNORE_INDEX).any()
+    with pytest.raises(UserError, match="has prompts; use --train-rows packed"):
+        _train_blocks(asks, tok, 32, 4 * 32, rows="windows")
+    with pytest.raises(UserError, match="unknown training rows 'random'"):
+        FinetuneJob("m", Path("o"), DataSource("python-code"), train_rows="random")

@@ -75,10 +75,10 @@ def test_distilled_finetuning_moves_the_model_towards_the_teacher(tiny_llama, sv
 def test_cli_finetune_distils_from_the_recorded_source(capsys, svd_half, tiny_text_data, tmp_path):
     out = tmp_path / "ft"
     code = main(["finetune", str(svd_half), "--data", str(tiny_text_data), "--steps", "2", "--seq-len", "64",
-                 "--loss", "kl", "-o", str(out), "--quiet"])
+                 "--loss", "kl", "--train-rows", "windows", "-o", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     recorded = json.loads((out / "basel.json").read_text())["extra"]["finetune"]
-    assert recorded["loss"] == "kl" and recorded["teacher"]
+    assert recorded["loss"] == "kl" and recorded["teacher"] and recorded["train_rows"] == "windows"
 
 
 def test_cli_finetune_without_a_recorded_source_asks_for_the_teacher(capsys, svd_half, tiny_text_data, tmp_path):

@@ -106,15 +106,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune_checkpoint(FinetuneJob(
         model=args.model, output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed),
         steps=args.steps, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
-        train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, device=args.device,
-        grad_checkpointing=args.grad_checkpointing, threads=args.threads, overwrite=args.overwrite,
-        progress=not args.quiet))
+        train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, train_rows=args.train_rows,
+        device=args.device, grad_checkpointing=args.grad_checkpointing, threads=args.threads,
+        overwrite=args.overwrite, progress=not args.quiet))
     print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
           f"final loss {summary['final_loss']:.4f})")
     return 0
 
 
 def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
+    from ..data import DEFAULT_TRAIN_ROWS, TRAIN_ROWS
     from ..train import DEFAULT_FINETUNE_SCHEDULE, SCHEDULES
 
     p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
@@ -128,6 +129,9 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
                         f"{DEFAULT_FINETUNE_SCHEDULE})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH)
     p.add_argument("--train-tokens", type=int, default=None)
+    p.add_argument("--train-rows", choices=TRAIN_ROWS, default=DEFAULT_TRAIN_ROWS,
+                   help="packed: the token budget packed from the heads of ~32 documents; windows: one row from "
+                        f"each of as many documents, at a random offset (plain text only; default {DEFAULT_TRAIN_ROWS})")
     _add_loss_argument(p)
     p.add_argument("--teacher", help="the dense model that --loss kl distils from (default: the one the checkpoint "
                                      "was compressed from)")
