@@ -1,7 +1,8 @@
 """Task data: where training/evaluation text comes from, how it is split, tokenised and packed.
 
-Sources: the built-in offline tasks (`python-code`, `python-functions`, `humaneval`), plain text files or folders, JSONL
-(`text`, `prompt`/`completion` or `query`/`response`) and HF `datasets` folders saved with `save_to_disk`.
+Sources: the built-in offline tasks (`python-code`, `python-functions`, `humaneval`), plain text files or
+folders, JSONL (`text`, `prompt`/`completion` or `query`/`response`) and HF `datasets` folders saved with
+`save_to_disk`.
 Prompts are kept apart from the text that is trained on / scored, so the loss can mask them out.
 """
 
@@ -371,7 +372,9 @@ def pack(
     return TokenBlocks(input_ids, label_t)
 
 
-def sample_windows(examples: list[Example], tokenizer, seq_len: int, rows: int, seed: int = DEFAULT_SEED) -> TokenBlocks:
+def sample_windows(
+    examples: list[Example], tokenizer, seq_len: int, rows: int, seed: int = DEFAULT_SEED
+) -> TokenBlocks:
     """`rows` training rows of `seq_len` tokens, each a window at a seeded random offset into a different
     document (documents in their split's order, cycling when there are fewer long enough than rows).
 

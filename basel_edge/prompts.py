@@ -1,5 +1,5 @@
 """How a code request is put to a model: the chat framing that HumanEval evaluation uses and that the
-`python-functions` task trains on, defined once so the two cannot drift apart (see ARCHITECTURE.md, "Data").
+`python-functions` task trains on, defined once so the two cannot drift apart (ARCHITECTURE.md section 1).
 
 A tokenizer with a chat template gets the request as a user turn and the answer started for it with a Python
 code block holding the function's head, so the model continues the body and closes the block; a tokenizer
@@ -28,8 +28,8 @@ def request_text(prompt: str, tokenizer) -> str:
 
 
 def answer_text(body: str, tokenizer) -> str:
-    """The trained answer after `request_text`: the body, and in chat the closing fence (the end-of-turn token
-    follows as the tokenizer's EOS)."""
+    """The trained answer after `request_text`: the body, and in chat the closing fence. The tokenizer's EOS
+    follows it, which ends the turn where EOS is the end-of-turn token (Qwen2.5 and SmolLM2 instruct)."""
     if not uses_chat(tokenizer):
         return body
     return body + ("" if body.endswith("\n") else "\n") + FENCE
