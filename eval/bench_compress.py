@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,6 +96,29 @@ def by_length(blocks: TokenBlocks) -> TokenBlocks:
     lengths = ((blocks.labels != -100) * torch.arange(1, width + 1)).max(1).values
     order = torch.argsort(lengths)
     return TokenBlocks(blocks.input_ids[order], blocks.labels[order])
+
+
+@dataclass(frozen=True)
+class ScoringSets:
+    """What every row is scored on: held-out python-code text packed into rows, and the HumanEval canonical
+    solutions one row per problem (prompt masked, sorted by length)."""
+
+    heldout: TokenBlocks
+    humaneval: TokenBlocks
+
+
+def scoring_sets(tokenizer, seq_len: int = 512, eval_tokens: int = 8192) -> ScoringSets:
+    """The benchmark's two scoring sets for `tokenizer` (rows of `seq_len`, `eval_tokens` held-out tokens)."""
+    heldout = pack(load_task("python-code").validation, tokenizer, seq_len, max_tokens=eval_tokens)
+    humaneval = by_length(pack(load_task("humaneval").validation, tokenizer, seq_len, packing=False))
+    return ScoringSets(heldout, humaneval)
+
+
+def score(model: torch.nn.Module, sets: ScoringSets) -> tuple[float, float]:
+    """Held-out python-code and HumanEval-solution perplexity of `model`."""
+    model.eval()
+    return (perplexity(model, sets.heldout, batch_size=4, progress=False).perplexity,
+            perplexity(model, sets.humaneval, batch_size=4, progress=False).perplexity)
 
 
 def local_tokens(variant: list[str]) -> int:
@@ -165,8 +189,7 @@ def main() -> None:
 
     ref = resolve_model(DEFAULT_MODEL)
     tok = load_tokenizer(ref.path)
-    heldout = pack(load_task("python-code").validation, tok, args.seq_len, max_tokens=args.eval_tokens)
-    humaneval = by_length(pack(load_task("humaneval").validation, tok, args.seq_len, packing=False))
+    sets = scoring_sets(tok, args.seq_len, args.eval_tokens)
     tokens = args.steps * BATCH * args.train_seq_len
     report = {
         "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to fp32)",
@@ -175,8 +198,8 @@ def main() -> None:
         "steps": args.steps,
         "train_batch": BATCH,
         "train_seq_len": args.train_seq_len,
-        "python_eval_tokens": heldout.scored_tokens,
-        "humaneval_eval_tokens": humaneval.scored_tokens,
+        "python_eval_tokens": sets.heldout.scored_tokens,
+        "humaneval_eval_tokens": sets.humaneval.scored_tokens,
         "threads": args.threads,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -185,12 +208,9 @@ def main() -> None:
         "rows": [],
     }
 
-    def score(path) -> tuple[float, float]:
+    def score_path(path) -> tuple[float, float]:
         torch.set_num_threads(os.cpu_count() or 1)  # scoring is not timed; the timed work runs in its own process
-        model = load_model(path)
-        a = perplexity(model, heldout, batch_size=4, progress=False).perplexity
-        b = perplexity(model, humaneval, batch_size=4, progress=False).perplexity
-        return a, b
+        return score(load_model(path), sets)
 
     def write() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -214,11 +234,12 @@ def main() -> None:
         py, he = report["dense"]["python_ppl"], report["dense"]["humaneval_ppl"]
     elif args.dense_from is not None:
         earlier = json.loads(args.dense_from.read_text())
-        if (earlier["python_eval_tokens"], earlier["humaneval_eval_tokens"]) != (heldout.scored_tokens, humaneval.scored_tokens):
+        scored = (sets.heldout.scored_tokens, sets.humaneval.scored_tokens)
+        if (earlier["python_eval_tokens"], earlier["humaneval_eval_tokens"]) != scored:
             parser.error(f"{args.dense_from} scored other data; drop --dense-from")
         py, he = earlier["dense"]["python_ppl"], earlier["dense"]["humaneval_ppl"]
     else:
-        py, he = score(DEFAULT_MODEL)
+        py, he = score_path(DEFAULT_MODEL)
     report["dense"] = {"python_ppl": py, "humaneval_ppl": he}
     print(f"dense: python {py:.3f} humaneval {he:.3f}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -242,10 +263,9 @@ def main() -> None:
     if args.dense_finetune and "dense_finetuned" not in report:
         tuned = dense_finetune(args.steps, args.train_seq_len, 1e-4, args.threads)
         model = tuned.pop("model")
+        py_ft, he_ft = score(model, sets)
         report["dense_finetuned"] = {
-            "python_ppl": perplexity(model, heldout, batch_size=4, progress=False).perplexity,
-            "humaneval_ppl": perplexity(model, humaneval, batch_size=4, progress=False).perplexity,
-            "train_tokens": tokens, "cpu": report["cpu"], "threads": args.threads, **tuned}
+            "python_ppl": py_ft, "humaneval_ppl": he_ft, "train_tokens": tokens, "cpu": report["cpu"], "threads": args.threads, **tuned}
         del model
         print(f"dense+ft: {json.dumps(report['dense_finetuned'])}", flush=True)
         write()
@@ -295,7 +315,7 @@ def main() -> None:
                 train_tokens = tokens if part1 else 0
             local = local_tokens(variants.get(finetunes[method][0] if method in finetunes else method, []))
             dims = json.loads((out / "basel.json").read_text())
-            py, he = score(out)
+            py, he = score_path(out)
             row = {
                 "method": method, "keep": keep, "kept": dims["params"]["factorized"] / dims["params"]["dense"],
                 "options": options, "python_ppl": py, "humaneval_ppl": he, "train_tokens": train_tokens,

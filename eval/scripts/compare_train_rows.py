@@ -21,9 +21,8 @@ import torch
 from basel_edge.checkpoint import load_factorized
 from basel_edge.compress.basel import finetune
 from basel_edge.data import TokenBlocks, _encode, load_task, pack, sample_windows
-from basel_edge.eval.bench_compress import by_length
+from basel_edge.eval.bench_compress import score, scoring_sets
 from basel_edge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from basel_edge.perplexity import perplexity
 from basel_edge.train import LoopConfig
 
 SEQ_LEN, BATCH = 256, 2
@@ -48,8 +47,7 @@ def main() -> None:
     torch.set_num_threads(2)
     tok = load_tokenizer(resolve_model(DEFAULT_MODEL).path)
     task = load_task("python-code")
-    heldout = pack(task.validation, tok, 512, max_tokens=8192)
-    humaneval = by_length(pack(load_task("humaneval").validation, tok, 512, packing=False))
+    sets = scoring_sets(tok)
     tokens = steps * BATCH * SEQ_LEN
     build = {"packed": lambda: pack(task.train, tok, SEQ_LEN, max_tokens=tokens),
              "windows": lambda: sample_windows(task.train, tok, SEQ_LEN, tokens // SEQ_LEN),
@@ -60,11 +58,9 @@ def main() -> None:
         start = time.perf_counter()
         finetune(model, blocks, LoopConfig(steps=steps, batch_size=BATCH, schedule="cosine"), 1e-4, progress=False)
         seconds = time.perf_counter() - start
-        model.eval()
-        print(json.dumps({"rows": name, "n_rows": len(blocks), "steps": steps,
-                          "python_ppl": perplexity(model, heldout, batch_size=4, progress=False).perplexity,
-                          "humaneval_ppl": perplexity(model, humaneval, batch_size=4, progress=False).perplexity,
-                          "finetune_s": round(seconds, 1)}), flush=True)
+        python_ppl, humaneval_ppl = score(model, sets)
+        print(json.dumps({"rows": name, "n_rows": len(blocks), "steps": steps, "python_ppl": python_ppl,
+                          "humaneval_ppl": humaneval_ppl, "finetune_s": round(seconds, 1)}), flush=True)
 
 
 if __name__ == "__main__":
