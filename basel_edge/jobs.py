@@ -115,8 +115,9 @@ class TrainedCompressJob:
 
 @dataclass(frozen=True)
 class FinetuneJob:
-    """Part 2 on any factorized checkpoint `model`: both factors of every factorized linear train on the task
-    (`loss` ce), against the dense `teacher` (kl), or both (kl+ce)."""
+    """Part 2 on any factorized checkpoint `model`: every decoder linear (both factors of a factorized one) trains
+    on the task (`loss` ce), against the dense `teacher` (kl), or both (kl+ce); with `dense_lr` the norms and the
+    embedding too."""
 
     model: str
     output: Path
@@ -129,6 +130,7 @@ class FinetuneJob:
     loss: str = DEFAULT_LOSS
     teacher: str | None = None  # default: the model the checkpoint was compressed from
     train_rows: str = DEFAULT_TRAIN_ROWS  # data.TRAIN_ROWS
+    dense_lr: float | None = None  # also train the norms and the embedding, at this rate
     device: str = "auto"
     grad_checkpointing: bool = False
     threads: int | None = None  # one unless asked, as TrainedCompressJob
@@ -146,6 +148,8 @@ class FinetuneJob:
             raise UserError(f"unknown training rows '{self.train_rows}'; choose one of {', '.join(TRAIN_ROWS)}")
         if self.steps < 0 or self.batch_size <= 0 or not self.lr > 0:
             raise UserError("steps must be non-negative, batch size and learning rate positive")
+        if self.dense_lr is not None and not self.dense_lr > 0:
+            raise UserError(f"the learning rate of the norms and embedding must be positive, got {self.dense_lr}")
 
 
 def _dense_source(model: str):
@@ -304,10 +308,11 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
                            job.train_rows)
     model = load_factorized(ref.path)
     objective = Objective(job.loss, load_dense(teacher_ref.path) if teacher_ref else None)
-    result = finetune(model, blocks, loop, job.lr, progress=job.progress, objective=objective)
+    result = finetune(model, blocks, loop, job.lr, progress=job.progress, objective=objective, dense_lr=job.dense_lr)
     seconds = round(time.perf_counter() - start, 1)
     extra = {**dims.extra, "finetune": {"steps": job.steps, "lr": job.lr, "schedule": job.schedule,
                                         "train_rows": job.train_rows,
+                                        **({"dense_lr": job.dense_lr} if job.dense_lr is not None else {}),
                                         "tokens": result.train_tokens,
                                         "loss": job.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
                                         "task": task.name, "final_loss": result.last_loss,

@@ -37,6 +37,7 @@ CASES = {
         (["finetune", "{fact}", "--data", "{root}/missing.jsonl"], "missing.jsonl"),
         (["finetune", "{fact}", "--data", "{data}", "--steps", "-3"], "steps"),
         (["finetune", "{fact}", "--data", "{data}", "--teacher", "{root}/missing", "--loss", "kl"], "missing"),
+        (["finetune", "{fact}", "--data", "{data}", "--train-dense", "--dense-lr", "0"], "dense-lr"),
     ],
     "info": [
         (["info", "{root}/missing"], "missing"),

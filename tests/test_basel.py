@@ -273,6 +273,16 @@ def test_cli_basel_then_finetune(capsys, tiny_llama, tiny_text_data, tmp_path):
     key = "model.layers.0.mlp.down_proj.a.weight"
     assert key in a and not torch.equal(a[key], b[key])
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert "dense_lr" not in dims_ft["extra"]["finetune"]
+
+    ft_all = tmp_path / "ft-all"
+    code, stdout, err = _run(capsys, "finetune", out, "--data", tiny_text_data, "--steps", "4", "--seq-len", "64",
+                             "--lr", "1e-3", "--train-dense", "--dense-lr", "1e-3", "-o", ft_all, "--quiet")
+    assert code == 0, err
+    c = load_file(ft_all / "model.safetensors")
+    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+    assert not torch.equal(a["model.norm.weight"], c["model.norm.weight"])
+    assert json.loads((ft_all / "basel.json").read_text())["extra"]["finetune"]["dense_lr"] == 1e-3
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,32 @@ def test_cpu_autocast_only_where_the_cpu_computes_bf16(monkeypatch, native):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
     with autocast(cpu, amp=False):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def _half_factorized(path):
+    """Every other decoder linear factorized, the rest left dense, as a rank allocation may leave them."""
+    model = load_dense(path)
+    for i, (name, lin) in enumerate(decoder_linears(model).items()):
+        if i % 2:
+            a, b = svd_factors(lin.weight.detach(), 8)
+            set_module(model, name, low_rank_from_factors(a, b, lin.bias))
+    return model
+
+
+def _moved(before, after):
+    return {n for n, p in after.named_parameters() if not torch.equal(p, before[n])}
+
+
+@pytest.mark.parametrize("dense_lr", [None, 1e-3])
+def test_finetune_trains_the_linears_kept_dense_and_the_rest_only_when_asked(tiny_llama, blocks, dense_lr):
+    model = _half_factorized(tiny_llama)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finetune(model, blocks, LoopConfig(steps=2, batch_size=2), lr=1e-3, progress=False, dense_lr=dense_lr)
+    moved = _moved(before, model)
+    linears = decoder_linears(model)
+    kept_dense = {f"{n}.weight" for n, m in linears.items() if isinstance(m, torch.nn.Linear)}
+    factors = {f"{n}.{f}.weight" for n, m in linears.items() if isinstance(m, LowRankLinear) for f in "ab"}
+    assert kept_dense and factors and kept_dense | factors <= moved
+    rest = set(before) - kept_dense - factors
+    assert any("norm" in n for n in rest) and any("embed" in n for n in rest)
+    assert moved & rest == (rest if dense_lr else set())

@@ -46,7 +46,7 @@ from ..lowrank import (
     svd_factors,
 )
 from ..ranks import ALLOCATIONS, DEFAULT_KEEP, Budget, MatrixScores, allocate, uniform_ranks
-from ..train import DEFAULT_LOSS, LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
+from ..train import DEFAULT_DENSE_LR, DEFAULT_LOSS, LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
 from .registry import METHODS, register
@@ -97,7 +97,7 @@ class BaselConfig:
     # part 1 also trains every parameter outside the decoder linears (norms, embedding), as the released Basel
     # code does (all parameters trainable), at `dense_lr`
     train_dense: bool = False
-    dense_lr: float = 1e-5
+    dense_lr: float = DEFAULT_DENSE_LR
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -659,30 +659,37 @@ def run_basel(
 
 
 def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float, progress: bool = True, on_step=None,
-             objective: Objective | None = None):
-    """Part 2: train both factors of every LowRankLinear on the task (everything else frozen), minimising
-    `objective` (cross-entropy by default)."""
+             objective: Objective | None = None, dense_lr: float | None = None):
+    """Part 2: train every decoder linear on the task at `lr` (both factors of a factorized one, the weight of
+    one the rank allocation kept dense), minimising `objective` (cross-entropy by default). Everything else
+    stays frozen, unless `dense_lr` is given: then the norms and the embedding train too, at that rate, as in
+    part 1's `train_dense`."""
     objective = objective or Objective()
     from ..train import resolve_device
 
     device = resolve_device(loop.device)
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
-    if not factors:
+    trained = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
+    if not trained:
         raise UserError("the model has no factorized linears to fine-tune")
+    trained += [m.weight for m in decoder_linears(model).values() if isinstance(m, nn.Linear)]
+    inside = {id(p) for p in trained}
+    outside = [p for p in model.parameters() if id(p) not in inside] if dense_lr is not None else []
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in factors:
+    for p in (*trained, *outside):
         p.requires_grad_(True)
     model.to(device)
+    groups = [{"params": trained, "lr": lr}] + ([{"params": outside, "lr": dense_lr}] if outside else [])
     settings = {"finetune": lr, "loop": loop_settings(loop), "rows": len(blocks), "seq": blocks.input_ids.shape[1],
-                **({"loss": objective.loss} if objective.loss != "ce" else {})}
+                "trained": len(trained), **({"loss": objective.loss} if objective.loss != "ce" else {}),
+                **({"dense_lr": dense_lr} if dense_lr is not None else {})}
     try:
-        return train_loop(model, [{"params": factors, "lr": lr}], blocks, loop, fingerprint(settings),
+        return train_loop(model, groups, blocks, loop, fingerprint(settings),
                           on_step=on_step, desc="fine-tune", progress=progress, objective=objective)
     finally:
         model.to("cpu")
         objective.to("cpu")
-        for p in factors:
+        for p in (*trained, *outside):
             p.requires_grad_(False)
 
 

@@ -100,14 +100,14 @@ def run_compress(args: argparse.Namespace, method) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """`basel-edge finetune CKPT`: part 2, fine-tune both factors of every factorized linear."""
+    """`basel-edge finetune CKPT`: part 2, fine-tune every decoder linear (both factors of a factorized one)."""
     from ..jobs import DataSource, FinetuneJob, finetune_checkpoint
 
     summary = finetune_checkpoint(FinetuneJob(
         model=args.model, output=args.output, data=DataSource(args.task, args.data, args.seq_len, args.seed),
         steps=args.steps, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
         train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, train_rows=args.train_rows,
-        device=args.device, grad_checkpointing=args.grad_checkpointing, threads=args.threads,
+        dense_lr=args.dense_lr if args.train_dense else None, device=args.device, grad_checkpointing=args.grad_checkpointing, threads=args.threads,
         overwrite=args.overwrite, progress=not args.quiet))
     print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
           f"final loss {summary['final_loss']:.4f})")
@@ -116,9 +116,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
     from ..data import DEFAULT_TRAIN_ROWS, TRAIN_ROWS
-    from ..train import DEFAULT_FINETUNE_SCHEDULE, SCHEDULES
+    from ..train import DEFAULT_DENSE_LR, DEFAULT_FINETUNE_SCHEDULE, SCHEDULES
 
-    p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
+    p = sub.add_parser("finetune", help="part 2: fine-tune the decoder linears of a factorized checkpoint on a task")
     add_model_args(p, "factorized checkpoint directory")
     add_data_args(p)
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -133,6 +133,10 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
                    help="packed: the token budget packed from the heads of ~32 documents; windows: one row from "
                         f"each of as many documents, at a random offset (plain text only; default {DEFAULT_TRAIN_ROWS})")
     _add_loss_argument(p)
+    p.add_argument("--train-dense", action="store_true",
+                   help="also train the norms and the embedding (every parameter outside the factorized linears)")
+    p.add_argument("--dense-lr", type=positive_float, default=DEFAULT_DENSE_LR,
+                   help=f"learning rate of --train-dense (default {DEFAULT_DENSE_LR:g})")
     p.add_argument("--teacher", help="the dense model that --loss kl distils from (default: the one the checkpoint "
                                      "was compressed from)")
     p.add_argument("--device", default="auto")
