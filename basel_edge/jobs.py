@@ -115,9 +115,8 @@ class TrainedCompressJob:
 
 @dataclass(frozen=True)
 class FinetuneJob:
-    """Part 2 on any factorized checkpoint `model`: every decoder linear (both factors of a factorized one) trains
-    on the task (`loss` ce), against the dense `teacher` (kl), or both (kl+ce); with `dense_lr` the norms and the
-    embedding too."""
+    """Part 2 on any factorized checkpoint `model`: both factors of every factorized linear train on the task
+    (`loss` ce), against the dense `teacher` (kl), or both (kl+ce); with `dense_lr` every other parameter too."""
 
     model: str
     output: Path
@@ -130,7 +129,7 @@ class FinetuneJob:
     loss: str = DEFAULT_LOSS
     teacher: str | None = None  # default: the model the checkpoint was compressed from
     train_rows: str = DEFAULT_TRAIN_ROWS  # data.TRAIN_ROWS
-    dense_lr: float | None = None  # also train the norms and the embedding, at this rate
+    dense_lr: float | None = None  # also train every other parameter (kept-dense linears, norms, embedding)
     device: str = "auto"
     grad_checkpointing: bool = False
     threads: int | None = None  # one unless asked, as TrainedCompressJob
@@ -149,7 +148,7 @@ class FinetuneJob:
         if self.steps < 0 or self.batch_size <= 0 or not self.lr > 0:
             raise UserError("steps must be non-negative, batch size and learning rate positive")
         if self.dense_lr is not None and not self.dense_lr > 0:
-            raise UserError(f"the learning rate of the norms and embedding must be positive, got {self.dense_lr}")
+            raise UserError(f"the learning rate of --train-dense must be positive, got {self.dense_lr}")
 
 
 def _dense_source(model: str):

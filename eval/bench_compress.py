@@ -227,6 +227,8 @@ def main() -> None:
         report["rows"] = [{"cpu": earlier["cpu"], "threads": earlier["threads"], **r} for r in earlier["rows"]]
         report["keeps"] = sorted(set(earlier["keeps"]) | set(args.keeps), reverse=True)
         report["dense"] = earlier["dense"]
+        if "note" in earlier:  # how earlier rows were run, written by hand
+            report["note"] = earlier["note"]
         if "dense_finetuned" in earlier:
             report["dense_finetuned"] = {"cpu": earlier["cpu"], "threads": earlier["threads"],
                                          **earlier["dense_finetuned"]}

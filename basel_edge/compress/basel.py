@@ -660,10 +660,10 @@ def run_basel(
 
 def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float, progress: bool = True, on_step=None,
              objective: Objective | None = None, dense_lr: float | None = None):
-    """Part 2: train every decoder linear on the task at `lr` (both factors of a factorized one, the weight of
-    one the rank allocation kept dense), minimising `objective` (cross-entropy by default). Everything else
-    stays frozen, unless `dense_lr` is given: then the norms and the embedding train too, at that rate, as in
-    part 1's `train_dense`."""
+    """Part 2: train both factors of every LowRankLinear on the task at `lr`, minimising `objective`
+    (cross-entropy by default). Everything else stays frozen, unless `dense_lr` is given: then every other
+    parameter (the decoder linears the rank allocation kept dense, norms, embedding) trains too, at that rate,
+    as part 1's `train_dense`. Training the kept-dense linears at `lr` as well measured no better (README)."""
     objective = objective or Objective()
     from ..train import resolve_device
 
@@ -671,7 +671,6 @@ def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float,
     trained = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
     if not trained:
         raise UserError("the model has no factorized linears to fine-tune")
-    trained += [m.weight for m in decoder_linears(model).values() if isinstance(m, nn.Linear)]
     inside = {id(p) for p in trained}
     outside = [p for p in model.parameters() if id(p) not in inside] if dense_lr is not None else []
     for p in model.parameters():

@@ -100,7 +100,7 @@ def run_compress(args: argparse.Namespace, method) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """`basel-edge finetune CKPT`: part 2, fine-tune every decoder linear (both factors of a factorized one)."""
+    """`basel-edge finetune CKPT`: part 2, fine-tune both factors of every factorized linear."""
     from ..jobs import DataSource, FinetuneJob, finetune_checkpoint
 
     summary = finetune_checkpoint(FinetuneJob(
@@ -118,7 +118,7 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
     from ..data import DEFAULT_TRAIN_ROWS, TRAIN_ROWS
     from ..train import DEFAULT_DENSE_LR, DEFAULT_FINETUNE_SCHEDULE, SCHEDULES
 
-    p = sub.add_parser("finetune", help="part 2: fine-tune the decoder linears of a factorized checkpoint on a task")
+    p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
     add_model_args(p, "factorized checkpoint directory")
     add_data_args(p)
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -134,7 +134,8 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
                         f"each of as many documents, at a random offset (plain text only; default {DEFAULT_TRAIN_ROWS})")
     _add_loss_argument(p)
     p.add_argument("--train-dense", action="store_true",
-                   help="also train the norms and the embedding (every parameter outside the factorized linears)")
+                   help="also train every parameter outside the factorized linears (the decoder linears the rank "
+                        "allocation kept dense, norms, embedding) at --dense-lr")
     p.add_argument("--dense-lr", type=positive_float, default=DEFAULT_DENSE_LR,
                    help=f"learning rate of --train-dense (default {DEFAULT_DENSE_LR:g})")
     p.add_argument("--teacher", help="the dense model that --loss kl distils from (default: the one the checkpoint "
