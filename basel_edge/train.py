@@ -34,7 +34,8 @@ SCHEDULES = ("constant", "cosine")
 # fine-tuning decays: 24.1 against 24.5 held at the demo's keep-0.5 budget, and the base rate 1e-4 stays best
 # (2e-4 with warm-up: 24.8) (README, "Compression quality")
 DEFAULT_FINETUNE_SCHEDULE = "cosine"
-# the rate of the parameters outside the decoder linears (norms, embedding) when a run trains them too
+# the rate of the parameters outside the trained low-rank ones (norms, embedding, and in part 2 the decoder
+# linears kept dense) when a run trains them too (`--train-dense`)
 DEFAULT_DENSE_LR = 1e-5
 
 

@@ -668,19 +668,19 @@ def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float,
     from ..train import resolve_device
 
     device = resolve_device(loop.device)
-    trained = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
-    if not trained:
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
+    if not factors:
         raise UserError("the model has no factorized linears to fine-tune")
-    inside = {id(p) for p in trained}
+    inside = {id(p) for p in factors}
     outside = [p for p in model.parameters() if id(p) not in inside] if dense_lr is not None else []
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in (*trained, *outside):
+    for p in (*factors, *outside):
         p.requires_grad_(True)
     model.to(device)
-    groups = [{"params": trained, "lr": lr}] + ([{"params": outside, "lr": dense_lr}] if outside else [])
+    groups = [{"params": factors, "lr": lr}] + ([{"params": outside, "lr": dense_lr}] if outside else [])
     settings = {"finetune": lr, "loop": loop_settings(loop), "rows": len(blocks), "seq": blocks.input_ids.shape[1],
-                "trained": len(trained), **({"loss": objective.loss} if objective.loss != "ce" else {}),
+                **({"loss": objective.loss} if objective.loss != "ce" else {}),
                 **({"dense_lr": dense_lr} if dense_lr is not None else {})}
     try:
         return train_loop(model, groups, blocks, loop, fingerprint(settings),
@@ -688,7 +688,7 @@ def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float,
     finally:
         model.to("cpu")
         objective.to("cpu")
-        for p in (*trained, *outside):
+        for p in (*factors, *outside):
             p.requires_grad_(False)
 
 
