@@ -267,7 +267,8 @@ def main() -> None:
         model = tuned.pop("model")
         py_ft, he_ft = score(model, sets)
         report["dense_finetuned"] = {
-            "python_ppl": py_ft, "humaneval_ppl": he_ft, "train_tokens": tokens, "cpu": report["cpu"], "threads": args.threads, **tuned}
+            "python_ppl": py_ft, "humaneval_ppl": he_ft, "train_tokens": tokens, "cpu": report["cpu"],
+            "threads": args.threads, **tuned}
         del model
         print(f"dense+ft: {json.dumps(report['dense_finetuned'])}", flush=True)
         write()

@@ -18,7 +18,8 @@ def test_by_length_sorts_rows_by_their_last_scored_position():
     assert torch.equal(out.input_ids, out.labels)
 
 
-@pytest.mark.parametrize("report", ["compress-demo-budget.json", "compress-windows.json", "compress-ablation.json", "compress.json"])
+@pytest.mark.parametrize("report", ["compress-demo-budget.json", "compress-windows.json", "compress-ablation.json",
+                                    "compress.json"])
 def test_scoring_sets_score_the_tokens_the_committed_reports_record(report):
     recorded = json.loads((RESULTS / report).read_text())
     sets = scoring_sets(load_tokenizer(resolve_model(DEFAULT_MODEL).path))

@@ -46,7 +46,10 @@ from ..lowrank import (
     svd_factors,
 )
 from ..ranks import ALLOCATIONS, DEFAULT_KEEP, Budget, MatrixScores, allocate, uniform_ranks
-from ..train import DEFAULT_DENSE_LR, DEFAULT_LOSS, LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows, train_loop
+from ..train import (
+    DEFAULT_DENSE_LR, DEFAULT_LOSS, LOSSES, LoopConfig, Objective, fingerprint, loop_settings, step_generator, step_rows,
+    train_loop,
+)
 from .base import Method, Weighting, decompose
 from .calibration import CalibrationStats, collect
 from .registry import METHODS, register
@@ -632,8 +635,7 @@ def run_basel(
     ]
     outside = []
     if cfg.train_dense:
-        inside = {id(p) for m in layers.values() for p in m.parameters()}
-        outside = [p for p in model.parameters() if id(p) not in inside]
+        outside = _params_outside(model, [p for m in layers.values() for p in m.parameters()])
         for p in outside:
             p.requires_grad_(True)
         groups.append({"params": outside, "lr": cfg.dense_lr})
@@ -658,6 +660,12 @@ def run_basel(
     return out
 
 
+def _params_outside(model: nn.Module, trained: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Every parameter of `model` not in `trained`: what `--train-dense` adds, in part 1 and part 2."""
+    inside = {id(p) for p in trained}
+    return [p for p in model.parameters() if id(p) not in inside]
+
+
 def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float, progress: bool = True, on_step=None,
              objective: Objective | None = None, dense_lr: float | None = None):
     """Part 2: train both factors of every LowRankLinear on the task at `lr`, minimising `objective`
@@ -671,8 +679,7 @@ def finetune(model: nn.Module, blocks: TokenBlocks, loop: LoopConfig, lr: float,
     factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.a.weight, m.b.weight)]
     if not factors:
         raise UserError("the model has no factorized linears to fine-tune")
-    inside = {id(p) for p in factors}
-    outside = [p for p in model.parameters() if id(p) not in inside] if dense_lr is not None else []
+    outside = _params_outside(model, factors) if dense_lr is not None else []
     for p in model.parameters():
         p.requires_grad_(False)
     for p in (*factors, *outside):

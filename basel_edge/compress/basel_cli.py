@@ -108,7 +108,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
         train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, train_rows=args.train_rows,
         dense_lr=args.dense_lr if args.train_dense else None, device=args.device,
-        grad_checkpointing=args.grad_checkpointing, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet))
+        grad_checkpointing=args.grad_checkpointing, threads=args.threads, overwrite=args.overwrite,
+        progress=not args.quiet))
     print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
           f"final loss {summary['final_loss']:.4f})")
     return 0
