@@ -52,7 +52,9 @@ def _settle_model(args: argparse.Namespace) -> None:
         raise UserError(f"`basel-edge {args.command}` needs a model: give MODEL or --model MODEL")
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, seq_len: int | None = None) -> None:
+    """--task/--data, --seq-len (rows of `seq_len` tokens, the calibration and evaluation default unless the
+    command trains on its rows), and --seed."""
     from .data import BUILTIN_TASKS
 
     src = p.add_mutually_exclusive_group(required=required)
@@ -60,7 +62,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--data", type=Path, help="text file/folder, .jsonl, or a datasets save_to_disk folder")
     from .jobs import DEFAULT_SEQ_LEN
 
-    p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, help="tokens per packed row")
+    p.add_argument("--seq-len", type=positive_int, default=seq_len or DEFAULT_SEQ_LEN, help="tokens per packed row")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 
 

@@ -312,3 +312,15 @@ def test_the_parser_takes_its_defaults_from_the_configs(tmp_path, monkeypatch):
     cfg, defaults = seen["cfg"], {f.name: f.default for f in dataclasses.fields(harness.ValidateConfig)}
     for name in ("threads", "seq_len", "eval_tokens", "new_tokens", "reps", "task", "data"):
         assert getattr(cfg, name) == defaults[name], name
+
+
+def test_finetune_rows_default_to_the_trained_methods_rows(tmp_path):
+    """Part 2 trains on rows as long as part 1's and the demo's unless asked otherwise; it used to take the
+    calibration row length (512), so `finetune --steps N` trained on twice the tokens of `compress`'s N steps."""
+    from basel_edge.cli import build_parser
+
+    parser = build_parser()
+    finetune = parser.parse_args(["finetune", str(tmp_path / "m"), "--task", "python-code", "-o", str(tmp_path / "o")])
+    compress = parser.parse_args(["compress", "--task", "python-code", "-o", str(tmp_path / "x")])
+    assert finetune.seq_len == compress.train_seq_len
+    assert compress.seq_len > compress.train_seq_len  # calibration rows stay the longer ones

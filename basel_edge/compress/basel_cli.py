@@ -121,7 +121,7 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
 
     p = sub.add_parser("finetune", help="part 2: fine-tune both factors of a factorized checkpoint on a task")
     add_model_args(p, "factorized checkpoint directory")
-    add_data_args(p)
+    add_data_args(p, seq_len=DEFAULT_TRAIN_SEQ_LEN)  # part 2's rows are part 1's and the demo's
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=positive_float, default=1e-4)
