@@ -132,6 +132,7 @@ class FinetuneJob:
     dense_lr: float | None = None  # also train every other parameter (kept-dense linears, norms, embedding)
     device: str = "auto"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training step (LoopConfig.compile)
     threads: int | None = None  # one unless asked, as TrainedCompressJob
     overwrite: bool = False
     progress: bool = True
@@ -297,7 +298,8 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
         if teacher_ref.factorized:
             raise UserError(f"--teacher {source} is factorized; give the dense model it was compressed from")
     loop = LoopConfig(steps=job.steps, batch_size=job.batch_size, seed=job.data.seed, device=job.device,
-                      grad_checkpointing=job.grad_checkpointing, schedule=job.schedule)
+                      grad_checkpointing=job.grad_checkpointing, schedule=job.schedule,
+                      compile=job.compile)
     check_output_dir(job.output, job.overwrite)
     torch.set_num_threads(job.threads or 1)
     task = job.data.load()
@@ -315,7 +317,8 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
                                         "tokens": result.train_tokens,
                                         "loss": job.loss, **({"teacher": str(teacher_ref.path)} if teacher_ref else {}),
                                         "task": task.name, "final_loss": result.last_loss,
-                                        "seconds": seconds, "peak_rss_mib": round(peak_rss_mib(), 1)}}
+                                        "seconds": seconds, "peak_rss_mib": round(peak_rss_mib(), 1),
+                                        **({"compiled": result.compiled} if job.compile else {})}}
     method = dims.method if dims.method.endswith("+ft") else f"{dims.method}+ft"
     save_factorized(model, job.output, ref.path, method, task.name, dims.rank_multiple, extra,
                     overwrite=job.overwrite)

@@ -81,6 +81,9 @@ class LoopConfig:
     amp: bool = True  # bf16 autocast where the device computes bf16 natively (bf16_native)
     schedule: str = "constant"  # one of SCHEDULES
     grad_checkpointing: bool = False
+    # torch.compile the training forward and backward: fused elementwise kernels, a faster step once compiled
+    # (eval/results/train-step.md); speed only, so not part of the fingerprint, and an eager fallback if it fails
+    compile: bool = False
     checkpoint_every: int = 0
     checkpoint_dir: Path | None = None
     resume: bool = False
@@ -135,6 +138,7 @@ class LoopResult:
     resumed_from: int
     last_loss: float | None
     train_tokens: int
+    compiled: bool = False  # the steps ran under torch.compile (asked for, and it did not fail)
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -205,6 +209,11 @@ class Objective:
         return kl + out.loss if self.loss == "kl+ce" else kl
 
 
+def _compile_failed(err: Exception) -> None:
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    tqdm.write(f"basel-edge: torch.compile failed ({first[:160]}); training without it")
+
+
 def train_loop(
     model: nn.Module,
     param_groups: list[dict],
@@ -245,6 +254,7 @@ def train_loop(
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    forward = torch.compile(model) if cfg.compile else model  # shares `model`'s parameters
     last = None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -256,8 +266,17 @@ def train_loop(
             rows = step_rows(len(blocks), step, cfg.batch_size, cfg.seed)
             ids = blocks.input_ids[rows].to(device)
             labels = blocks.labels[rows].to(device)
-            loss = objective(model, ids, labels, cfg.amp)
-            loss.backward()
+            try:
+                loss = objective(forward, ids, labels, cfg.amp)
+                loss.backward()
+            except RuntimeError as err:  # torch.compile's: no C++ compiler, an unsupported op, ...
+                if forward is model or not isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                    raise
+                _compile_failed(err)
+                optimizer.zero_grad(set_to_none=True)
+                forward = model
+                loss = objective(model, ids, labels, cfg.amp)
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last = float(loss.detach())
@@ -283,12 +302,13 @@ def train_loop(
         if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
     tokens = cfg.steps * cfg.batch_size * blocks.input_ids.shape[1]
-    return LoopResult(steps_run=cfg.steps - start, resumed_from=start, last_loss=last, train_tokens=tokens)
+    return LoopResult(steps_run=cfg.steps - start, resumed_from=start, last_loss=last, train_tokens=tokens,
+                      compiled=forward is not model)
 
 
 def loop_settings(cfg: LoopConfig) -> dict:
     """The parts of a LoopConfig that change the result (for the fingerprint)."""
     d = asdict(cfg)
-    for k in ("checkpoint_every", "checkpoint_dir", "resume", "grad_checkpointing", "device"):
+    for k in ("checkpoint_every", "checkpoint_dir", "resume", "grad_checkpointing", "compile", "device"):
         d.pop(k)
     return d

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # Training uses --threads like every other phase: the demo has the machine to itself, and a fine-tuning step of
 # the keep-0.5 model took 3.52 s on one AMD EPYC core and 2.15 s on two, 1.38 s with the bf16 autocast that
-# training uses where the CPU has bf16 instructions (eval/results/train-step.md). 320 steps with the cosine
+# training uses where the CPU has bf16 instructions (eval/results/train-step-2026-12-06.md). 320 steps with the cosine
 # schedule fit compression plus fine-tuning into about 10 minutes there (eval/results/compress-demo-budget.md).
 TRAIN_STEPS = 320
 # rows of 256 tokens, as the trained methods and eval/bench_compress.py use

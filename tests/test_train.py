@@ -123,3 +123,57 @@ def test_finetune_trains_the_factors_and_everything_else_only_when_asked(tiny_ll
     assert factors and factors <= moved and kept_dense <= rest
     assert any("norm" in n for n in rest) and any("embed" in n for n in rest)
     assert moved & rest == (rest if dense_lr else set())
+
+
+class _CompileBroke(torch._dynamo.exc.TorchDynamoException):
+    pass
+
+
+def test_a_failing_torch_compile_falls_back_to_the_eager_step(tiny_llama, blocks, monkeypatch, capsys):
+    """A machine without a C++ compiler (or an op inductor cannot lower) still trains, eagerly, with one line
+    saying so; the result is the eager run's, and the loop reports that it did not run compiled."""
+
+    def broken(model, **kwargs):
+        def call(*args, **kw):
+            raise _CompileBroke("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    loop = dict(steps=3, batch_size=2, amp=False)
+    eager = _factorized(tiny_llama)
+    eager_result = finetune(eager, blocks, LoopConfig(**loop), lr=1e-3, progress=False)
+    monkeypatch.setattr(torch, "compile", broken)
+    fallen = _factorized(tiny_llama)
+    result = finetune(fallen, blocks, LoopConfig(**loop, compile=True), lr=1e-3, progress=False)
+    assert not result.compiled and not eager_result.compiled
+    assert result.last_loss == eager_result.last_loss
+    for name, a in _factors(eager).items():
+        assert torch.equal(_factors(fallen)[name], a), name
+    err = capsys.readouterr()
+    assert "torch.compile failed (InvalidCxxCompiler" in err.out + err.err
+
+
+def test_an_error_that_is_not_torch_compile_s_is_not_swallowed(tiny_llama, blocks, monkeypatch):
+    def broken(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("out of memory")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune(_factorized(tiny_llama), blocks, LoopConfig(steps=2, batch_size=2, compile=True), lr=1e-3,
+                 progress=False)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_follows_the_eager_one(tiny_llama, blocks):
+    """torch.compile (inductor) trains the same factors as the eager loop, up to the fused kernels' rounding."""
+    loop = dict(steps=4, batch_size=2, amp=False)
+    eager, compiled = _factorized(tiny_llama), _factorized(tiny_llama)
+    start = _factors(eager)
+    eager_result = finetune(eager, blocks, LoopConfig(**loop), lr=1e-3, progress=False)
+    result = finetune(compiled, blocks, LoopConfig(**loop, compile=True), lr=1e-3, progress=False)
+    assert result.compiled
+    assert result.last_loss == pytest.approx(eager_result.last_loss, rel=1e-3)
+    for name, a in _factors(eager).items():
+        moved = (a - start[name]).abs().max()
+        assert moved > 0 and (_factors(compiled)[name] - a).abs().max() < 0.01 * moved, name

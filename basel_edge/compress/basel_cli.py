@@ -108,8 +108,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
         train_tokens=args.train_tokens, loss=args.loss, teacher=args.teacher, train_rows=args.train_rows,
         dense_lr=args.dense_lr if args.train_dense else None, device=args.device,
-        grad_checkpointing=args.grad_checkpointing, threads=args.threads, overwrite=args.overwrite,
-        progress=not args.quiet))
+        grad_checkpointing=args.grad_checkpointing, compile=args.compile, threads=args.threads,
+        overwrite=args.overwrite, progress=not args.quiet))
     print(f"basel-edge: wrote {args.output} ({summary['method']}, {summary['train_tokens']} fine-tuning tokens, "
           f"final loss {summary['final_loss']:.4f})")
     return 0
@@ -143,6 +143,9 @@ def add_finetune_parser(sub, add_data_args, add_model_args) -> None:
                                      "was compressed from)")
     p.add_argument("--device", default="auto")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step: faster steps after a compilation of a minute or two "
+                        "(cached for later runs); trains without it if compilation fails")
     p.add_argument("--threads", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
