@@ -24,7 +24,7 @@ from .train import DEFAULT_FINETUNE_SCHEDULE, DEFAULT_LOSS
 if TYPE_CHECKING:
     from .compress.basel import BaselConfig
     from .compress.error_aware import ErrorAwareConfig
-    from .data import TaskData
+    from .data import TaskData, TokenBlocks
     from .train import LoopConfig
 
 DEFAULT_SEQ_LEN = 512  # tokens per packed row of calibration and evaluation data
@@ -161,9 +161,10 @@ def _dense_source(model: str):
     return ref
 
 
-def _train_blocks(task, tokenizer, seq_len: int, tokens: int, seed: int = 0, rows: str = DEFAULT_TRAIN_ROWS):
-    """The training rows of a `tokens` budget: packed (prompts masked), or for plain text `windows` of as many
-    documents as rows."""
+def train_blocks(task: TaskData, tokenizer, seq_len: int, tokens: int, seed: int = 0,
+                 rows: str = DEFAULT_TRAIN_ROWS) -> TokenBlocks:
+    """The training rows of a `tokens` budget, as `compress` and `finetune` draw them (benchmarks use it to train
+    on the same rows): packed (prompts masked), or for plain text `windows` of as many documents as rows."""
     from .data import pack, sample_windows
 
     if not task.train:
@@ -246,7 +247,7 @@ def _compress_trained(job: TrainedCompressJob) -> dict:
     task = job.data.load()
     start = time.perf_counter()
     tokenizer = load_tokenizer(ref.path)
-    blocks = _train_blocks(task, tokenizer, job.train_seq_len, job.train_tokens or loop.steps * loop.batch_size
+    blocks = train_blocks(task, tokenizer, job.train_seq_len, job.train_tokens or loop.steps * loop.batch_size
                            * job.train_seq_len)
     model = load_dense(ref.path)
     calib = None
@@ -304,7 +305,7 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
     torch.set_num_threads(job.threads or 1)
     task = job.data.load()
     start = time.perf_counter()
-    blocks = _train_blocks(task, load_tokenizer(ref.path), job.data.seq_len,
+    blocks = train_blocks(task, load_tokenizer(ref.path), job.data.seq_len,
                            job.train_tokens or job.steps * job.batch_size * job.data.seq_len, job.data.seed,
                            job.train_rows)
     model = load_factorized(ref.path)

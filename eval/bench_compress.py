@@ -67,7 +67,7 @@ def dense_finetune(steps: int, seq_len: int, lr: float, threads: int) -> dict:
     """The dense model with the fine-tuning every trained row gets (every decoder linear trainable, CE on
     python-code, the same rows as `basel-edge finetune` draws): task fine-tuning also moves the dense model, so
     a compressed row is compared with this as well as with the untouched dense model."""
-    from basel_edge.jobs import _train_blocks
+    from basel_edge.jobs import train_blocks
     from basel_edge.lowrank import decoder_linears
     from basel_edge.models import load_dense
     from basel_edge.train import DEFAULT_FINETUNE_SCHEDULE, LoopConfig, fingerprint, peak_rss_mib, train_loop
@@ -75,7 +75,7 @@ def dense_finetune(steps: int, seq_len: int, lr: float, threads: int) -> dict:
     torch.set_num_threads(threads)  # as every timed `basel-edge` run of this benchmark
     start = time.perf_counter()
     ref = resolve_model(DEFAULT_MODEL)
-    blocks = _train_blocks(load_task("python-code"), load_tokenizer(ref.path), seq_len, steps * BATCH * seq_len)
+    blocks = train_blocks(load_task("python-code"), load_tokenizer(ref.path), seq_len, steps * BATCH * seq_len)
     model = load_dense(ref.path)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -30,7 +30,7 @@ import torch
 from basel_edge.compress.basel import finetune
 from basel_edge.data import load_task
 from basel_edge.eval.harness import cpu_model
-from basel_edge.jobs import _train_blocks
+from basel_edge.jobs import train_blocks
 from basel_edge.lowrank import decoder_linears, low_rank_from_factors, round_rank, set_module, svd_factors
 from basel_edge.models import DEFAULT_MODEL, load_dense, load_tokenizer, resolve_model
 from basel_edge.train import LoopConfig, bf16_native
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ref = resolve_model(DEFAULT_MODEL)
-    blocks = _train_blocks(load_task("python-code"), load_tokenizer(ref.path), SEQ_LEN, 64 * BATCH * SEQ_LEN)
+    blocks = train_blocks(load_task("python-code"), load_tokenizer(ref.path), SEQ_LEN, 64 * BATCH * SEQ_LEN)
     model = factorized_model()
     native = bf16_native(torch.device("cpu"))
     precisions = (False, True) if native else (False,)

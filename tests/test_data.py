@@ -252,15 +252,15 @@ def test_windows_take_each_row_from_another_document(tok):
 
 def test_training_rows_packed_or_windows(tok):
     from basel_edge.data import TaskData
-    from basel_edge.jobs import DataSource, FinetuneJob, _train_blocks
+    from basel_edge.jobs import DataSource, FinetuneJob, train_blocks
 
     plain = TaskData("t", [Example(" ".join(f"w{i}" for i in range(300)))] * 8, [])
-    windows = _train_blocks(plain, tok, 32, 4 * 32, rows="windows")
+    windows = train_blocks(plain, tok, 32, 4 * 32, rows="windows")
     assert windows.input_ids.shape == (4, 32) and (windows.labels != IGNORE_INDEX).all()
-    assert not torch.equal(windows.input_ids, _train_blocks(plain, tok, 32, 4 * 32).input_ids)  # packed: the heads
+    assert not torch.equal(windows.input_ids, train_blocks(plain, tok, 32, 4 * 32).input_ids)  # packed: the heads
     asks = TaskData("f", [Example("    return 1\n", "def f():\n", request=True)] * 8, [])
-    assert (_train_blocks(asks, tok, 32, 4 * 32).labels == IGNORE_INDEX).any()
+    assert (train_blocks(asks, tok, 32, 4 * 32).labels == IGNORE_INDEX).any()
     with pytest.raises(UserError, match="has prompts; use --train-rows packed"):
-        _train_blocks(asks, tok, 32, 4 * 32, rows="windows")
+        train_blocks(asks, tok, 32, 4 * 32, rows="windows")
     with pytest.raises(UserError, match="unknown training rows 'random'"):
         FinetuneJob("m", Path("o"), DataSource("python-code"), train_rows="random")
