@@ -138,18 +138,24 @@ class FinetuneJob:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .train import LOSSES, SCHEDULES
+        from .train import LOSSES
 
         if self.loss not in LOSSES:
             raise UserError(f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown learning-rate schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if self.train_rows not in TRAIN_ROWS:
             raise UserError(f"unknown training rows '{self.train_rows}'; choose one of {', '.join(TRAIN_ROWS)}")
-        if self.steps < 0 or self.batch_size <= 0 or not self.lr > 0:
-            raise UserError("steps must be non-negative, batch size and learning rate positive")
+        if not self.lr > 0:
+            raise UserError(f"the learning rate must be positive, got {self.lr}")
         if self.dense_lr is not None and not self.dense_lr > 0:
             raise UserError(f"the learning rate of --train-dense must be positive, got {self.dense_lr}")
+        self.loop()  # steps, batch size, schedule and device are checked once, where the loop defines them
+
+    def loop(self) -> LoopConfig:
+        """How the fine-tuning loop runs."""
+        from .train import LoopConfig
+
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, seed=self.data.seed, device=self.device,
+                          grad_checkpointing=self.grad_checkpointing, schedule=self.schedule, compile=self.compile)
 
 
 def _dense_source(model: str):
@@ -283,7 +289,7 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
     from .checkpoint import load_factorized, read_dimension_file, save_factorized
     from .compress.basel import finetune
     from .models import load_dense, load_tokenizer, resolve_model
-    from .train import LoopConfig, Objective, peak_rss_mib
+    from .train import Objective, peak_rss_mib
 
     ref = resolve_model(job.model)
     if not ref.factorized:
@@ -298,9 +304,7 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
         teacher_ref = resolve_model(source)
         if teacher_ref.factorized:
             raise UserError(f"--teacher {source} is factorized; give the dense model it was compressed from")
-    loop = LoopConfig(steps=job.steps, batch_size=job.batch_size, seed=job.data.seed, device=job.device,
-                      grad_checkpointing=job.grad_checkpointing, schedule=job.schedule,
-                      compile=job.compile)
+    loop = job.loop()
     check_output_dir(job.output, job.overwrite)
     torch.set_num_threads(job.threads or 1)
     task = job.data.load()

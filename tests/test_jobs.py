@@ -28,6 +28,14 @@ def test_a_trained_method_is_not_an_svd_family_job(tmp_path):
         FinetuneJob(model="m", output=tmp_path / "y", data=DataSource(task="python-code"), loss="mse")
 
 
+@pytest.mark.parametrize("bad, fragment", [({"schedule": "linear"}, "schedule"), ({"steps": -1}, "steps"),
+                                           ({"batch_size": 0}, "batch size"), ({"lr": 0.0}, "learning rate")])
+def test_a_finetune_job_is_checked_when_it_is_made(tmp_path, bad, fragment):
+    """The loop's settings are refused when the job is made, before any model is read."""
+    with pytest.raises(UserError, match=fragment):
+        FinetuneJob(model="m", output=tmp_path / "y", data=DataSource(task="python-code"), **bad)
+
+
 def test_compress_then_finetune_through_the_library(tiny_llama, tiny_text_data, tmp_path):
     data = DataSource(data=tiny_text_data, seq_len=32)
     out = tmp_path / "c"
