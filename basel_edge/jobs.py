@@ -254,7 +254,7 @@ def _compress_trained(job: TrainedCompressJob) -> dict:
     start = time.perf_counter()
     tokenizer = load_tokenizer(ref.path)
     blocks = train_blocks(task, tokenizer, job.train_seq_len, job.train_tokens or loop.steps * loop.batch_size
-                           * job.train_seq_len)
+                          * job.train_seq_len)
     model = load_dense(ref.path)
     calib = None
     if METHODS[cfg.basis].needs:
@@ -310,8 +310,8 @@ def finetune_checkpoint(job: FinetuneJob) -> dict:
     task = job.data.load()
     start = time.perf_counter()
     blocks = train_blocks(task, load_tokenizer(ref.path), job.data.seq_len,
-                           job.train_tokens or job.steps * job.batch_size * job.data.seq_len, job.data.seed,
-                           job.train_rows)
+                          job.train_tokens or job.steps * job.batch_size * job.data.seq_len, job.data.seed,
+                          job.train_rows)
     model = load_factorized(ref.path)
     objective = Objective(job.loss, load_dense(teacher_ref.path) if teacher_ref else None)
     result = finetune(model, blocks, loop, job.lr, progress=job.progress, objective=objective, dense_lr=job.dense_lr)

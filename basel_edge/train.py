@@ -138,7 +138,7 @@ class LoopResult:
     resumed_from: int
     last_loss: float | None
     train_tokens: int
-    compiled: bool = False  # the steps ran under torch.compile (asked for, and it did not fail)
+    compiled: bool = False  # steps ran under torch.compile (asked for, and it did not fail)
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -255,6 +255,7 @@ def train_loop(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     forward = torch.compile(model) if cfg.compile else model  # shares `model`'s parameters
+    compiled_steps = 0
     last = None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -277,6 +278,7 @@ def train_loop(
                 forward = model
                 loss = objective(model, ids, labels, cfg.amp)
                 loss.backward()
+            compiled_steps += forward is not model
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last = float(loss.detach())
@@ -303,7 +305,7 @@ def train_loop(
             model.gradient_checkpointing_disable()
     tokens = cfg.steps * cfg.batch_size * blocks.input_ids.shape[1]
     return LoopResult(steps_run=cfg.steps - start, resumed_from=start, last_loss=last, train_tokens=tokens,
-                      compiled=forward is not model)
+                      compiled=compiled_steps > 0)
 
 
 def loop_settings(cfg: LoopConfig) -> dict:
